@@ -1,0 +1,182 @@
+"""The diffusion maths in one place, named like the papers.
+
+Timesteps are 0-based indices t = 0..T-1 (the paper's t = 1..T); the U-Net sees the index.
+  beta_t        noise schedule               alpha_t = 1 - beta_t,  alphabar_t = prod_{s<=t} alpha_s
+  q_step        x_t = sqrt(1-beta_t) x_{t-1} + sqrt(beta_t) eps            (one forward step)
+  q_sample      x_t = sqrt(alphabar_t) x_0 + sqrt(1-alphabar_t) eps        (closed form)
+  training_loss E || eps - eps_theta(x_t, t) ||^2,  t ~ U{0..T-1}
+
+Reverse samplers are expressed as per-step coefficient tables over a decreasing timestep sequence
+tau_0 > tau_1 > ... > tau_{K-1} (all T steps for the default `ddpm`). Every update is
+
+  x0_hat  = e * x + f * eps                       (the model's estimate of x_0, kept for multistep solvers)
+  x_next  = a * x + b * eps + c * z + d * x0_prev (x0_prev: the previous step's x0_hat)
+
+so a batch of samples on different samplers, step counts and positions advances with one gather and a few
+elementwise ops. Coefficients are computed in float64 and cast once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+COEFS = ("a", "b", "c", "d", "e", "f")
+
+
+def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal (2021): alphabar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2)."""
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return torch.clamp(1 - f[1:] / f[:-1], max=max_beta)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def to_dict(self) -> dict:
+        return dict(kind=self.kind, num_timesteps=self.num_timesteps, beta_start=self.beta_start,
+                    beta_end=self.beta_end)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScheduleConfig":
+        cfg = cls(**d)
+        if cfg.kind not in ("linear", "cosine"):
+            raise ValueError(f"unknown schedule kind {cfg.kind!r} (expected 'linear' or 'cosine')")
+        if cfg.num_timesteps < 2:
+            raise ValueError("num_timesteps must be at least 2")
+        return cfg
+
+
+class Diffusion:
+    """A noise schedule and everything derived from it (float64 tables, cast once per device/dtype)."""
+
+    def __init__(self, config: ScheduleConfig = ScheduleConfig()):
+        self.config = config
+        self.T = T = config.num_timesteps
+        if config.kind == "linear":
+            self.betas = linear_betas(T, config.beta_start, config.beta_end)
+        else:
+            self.betas = cosine_betas(T)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple[str, int], torch.Tensor] = {}
+
+    # ---- forward process -------------------------------------------------------------------------------
+    def _sqrt_tables(self, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (str(device), dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.alphas_cumprod.sqrt().to(device, dtype),
+                               (1 - self.alphas_cumprod).sqrt().to(device, dtype))
+        return self._cast[key]
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Closed form: x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps."""
+        sa, s1a = self._sqrt_tables(x0.device, x0.dtype)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        return sa[t].view(shape) * x0 + s1a[t].view(shape) * eps
+
+    def q_step(self, x_prev: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+        """One forward step: x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps."""
+        beta = float(self.betas[t])
+        return math.sqrt(1 - beta) * x_prev + math.sqrt(beta) * eps
+
+    def training_loss(self, model, x0: torch.Tensor, t: torch.Tensor | None = None,
+                      eps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The simple DDPM objective: MSE between eps and eps_theta(x_t, t), t uniform over 0..T-1."""
+        if t is None:
+            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
+        if eps is None:
+            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = self.q_sample(x0, t, eps)
+        return torch.nn.functional.mse_loss(model(x_t, t).float(), eps.float())
+
+    # ---- reverse process -------------------------------------------------------------------------------
+    def timesteps(self, steps: int, spacing: str = "uniform") -> torch.Tensor:
+        """A decreasing sub-sequence of 0..T-1 with `steps` entries, from T-1 down to 0.
+
+        uniform: evenly spaced in t (DDPM, DDIM). logsnr: evenly spaced in lambda = log(alpha/sigma), the
+        spacing DPM-Solver recommends (Lu et al. 2022), made strictly decreasing so every step is a new t.
+        """
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be in [1, {self.T}], got {steps}")
+        if steps == 1:
+            return torch.tensor([self.T - 1])
+        if spacing == "uniform":
+            return torch.linspace(self.T - 1, 0, steps, dtype=torch.float64).round().long()
+        if spacing != "logsnr":
+            raise ValueError(f"unknown spacing {spacing!r}")
+        ab = self.alphas_cumprod
+        lam = 0.5 * torch.log(ab / (1 - ab))  # decreasing in t
+        targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+        ts = torch.searchsorted(-lam, -targets).clamp(0, self.T - 1).tolist()
+        ts[0], ts[-1] = self.T - 1, 0
+        for k in range(steps - 2, -1, -1):  # near t = 0 several targets round to one t: spread them out
+            ts[k] = min(max(ts[k], ts[k + 1] + 1), self.T - 1 - k)
+        return torch.tensor(ts)
+
+    def coefficients(self, sampler: str, steps: int) -> torch.Tensor:
+        """A (steps, 7) float64 table: timestep, then a, b, c, d, e, f for each step (see module docstring)."""
+        key = (sampler, steps)
+        if key not in self._tables:
+            if sampler not in SAMPLERS:
+                raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
+            spacing = "logsnr" if sampler == "dpm-solver++" else "uniform"
+            self._tables[key] = _build_table(sampler, self.timesteps(steps, spacing), self.alphas_cumprod)
+        return self._tables[key]
+
+
+def _build_table(sampler: str, taus: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    rows = []
+    prev_lambda = None
+    K = len(taus)
+    for k in range(K):
+        t = int(taus[k])
+        ab_t = float(alphas_cumprod[t])
+        ab_next = float(alphas_cumprod[int(taus[k + 1])]) if k + 1 < K else 1.0
+        alpha_s, sigma_s = math.sqrt(ab_t), math.sqrt(1 - ab_t)
+        e, f = 1 / alpha_s, -sigma_s / alpha_s  # x0_hat = (x - sigma eps) / alpha
+        c = d = 0.0
+        if sampler == "ddpm":
+            # Respaced DDPM (exactly Ho et al. when steps = T): alpha' = alphabar_t / alphabar_next,
+            # x_next = 1/sqrt(alpha') (x - (1 - alpha')/sqrt(1 - alphabar_t) eps) + sqrt(beta') z, z = 0 at the end.
+            alpha = ab_t / ab_next
+            a = 1 / math.sqrt(alpha)
+            b = -(1 - alpha) / (math.sqrt(alpha) * sigma_s)
+            c = math.sqrt(1 - alpha) if k + 1 < K else 0.0
+        elif sampler == "ddim":
+            # eta = 0: x_next = sqrt(alphabar_next) x0_hat + sqrt(1 - alphabar_next) eps.
+            a = math.sqrt(ab_next) * e
+            b = math.sqrt(ab_next) * f + math.sqrt(1 - ab_next)
+        else:
+            # DPM-Solver++(2M) (Lu et al. 2022), data prediction, lambda = log(alpha / sigma).
+            lam_s = math.log(alpha_s / sigma_s)
+            if k + 1 == K:  # to sigma = 0: the first-order update is x0_hat itself
+                a, b = e, f
+            else:
+                alpha_t, sigma_t = math.sqrt(ab_next), math.sqrt(1 - ab_next)
+                h = math.log(alpha_t / sigma_t) - lam_s
+                phi = alpha_t * -math.expm1(-h)  # alpha_t (1 - e^{-h})
+                if prev_lambda is None:  # first step: first order
+                    k1, k2 = phi, 0.0
+                else:
+                    r = (lam_s - prev_lambda) / h
+                    k1, k2 = phi * (1 + 1 / (2 * r)), -phi / (2 * r)
+                a = sigma_t / sigma_s + k1 * e
+                b = k1 * f
+                d = k2
+            prev_lambda = lam_s
+        rows.append((t, a, b, c, d, e, f))
+    return torch.tensor(rows, dtype=torch.float64)

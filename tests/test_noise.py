@@ -1,0 +1,44 @@
+import torch
+
+from model.noise import gaussian, philox4x32
+
+
+def _w(v):
+    return torch.tensor([v], dtype=torch.int64)
+
+
+def test_philox_known_answers():
+    # Known-answer vectors of Random123's philox4x32_10.
+    cases = [
+        ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+    ]
+    for ctr, key, expected in cases:
+        out = philox4x32([_w(c) for c in ctr], [_w(k) for k in key])
+        assert [int(o) for o in out] == expected
+
+
+def test_gaussian_statistics():
+    z = gaussian(torch.arange(64), torch.zeros(64, dtype=torch.int64), (3, 16, 16)).double()
+    n = z.numel()
+    assert abs(z.mean().item()) < 4 / n**0.5
+    assert abs(z.var().item() - 1) < 0.03
+    assert abs(((z**4).mean().item()) - 3) < 0.15  # Gaussian kurtosis
+    # neighbouring elements, neighbouring seeds and neighbouring noise indices are uncorrelated
+    flat = z.reshape(64, -1)
+    assert abs((flat[:, 1:] * flat[:, :-1]).mean().item()) < 0.02
+    assert abs((flat[1:] * flat[:-1]).mean().item()) < 0.02
+    z2 = gaussian(torch.arange(64), torch.ones(64, dtype=torch.int64), (3, 16, 16)).double().reshape(64, -1)
+    assert abs((flat * z2).mean().item()) < 0.02
+
+
+def test_row_depends_only_on_its_seed_and_index():
+    alone = gaussian(torch.tensor([9]), torch.tensor([3]), (3, 8, 8))
+    batch = gaussian(torch.tensor([1, 9, 2**63 - 1]), torch.tensor([0, 3, 7]), (3, 8, 8))
+    assert torch.equal(alone[0], batch[1])
+    assert not torch.equal(batch[0], batch[1])
+    big_seed = gaussian(torch.tensor([2**63 - 1]), torch.tensor([7]), (3, 8, 8))
+    assert torch.equal(big_seed[0], batch[2])
+    assert torch.isfinite(batch).all()

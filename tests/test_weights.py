@@ -1,0 +1,119 @@
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from model.diffusion import ScheduleConfig
+from model.unet import PRESETS, UNet, count_parameters
+from model.weights import FORMAT, WeightsError, file_sha256, load_weights, save_weights
+
+from conftest import ROOT
+
+
+def test_celeba64_parameter_count():
+    n = count_parameters(UNet(PRESETS["celeba64"]))
+    assert abs(n - 78.7e6) / 78.7e6 < 0.02, n
+
+
+def test_round_trip(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet(PRESETS["tiny"])
+    path = tmp_path / "w.safetensors"
+    save_weights(path, unet, ScheduleConfig(kind="cosine"), name="rt", dataset="d", training_steps=12,
+                 training={"command": "python -m train ..."})
+    w = load_weights(path)
+    assert w.unet.config == unet.config and w.diffusion.config.kind == "cosine"
+    assert w.metadata["training_steps"] == "12" and w.metadata["format"] == FORMAT and w.name == "rt"
+    assert json.loads(w.metadata["training"])["command"].startswith("python -m train")
+    assert w.sha256 == file_sha256(path)
+    for k, v in unet.state_dict().items():
+        assert torch.equal(w.unet.state_dict()[k], v)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    with torch.no_grad():
+        assert torch.equal(w.unet(x, t), unet.eval()(x, t))
+
+
+def test_fp16_round_trip_is_close(tmp_path):
+    unet = UNet(PRESETS["tiny"])
+    save_weights(tmp_path / "h.safetensors", unet, ScheduleConfig(), name="h", dataset="d", training_steps=0,
+                 dtype=torch.float16)
+    w = load_weights(tmp_path / "h.safetensors")
+    for k, v in unet.state_dict().items():
+        assert torch.allclose(w.unet.state_dict()[k], v, rtol=1e-3, atol=1e-4)
+
+
+def _bad(tmp_path, tiny_weights):
+    """(name, path, expected message part) for every kind of unusable file."""
+    cases = [("missing", tmp_path / "nope.safetensors", "no such file"), ("folder", tmp_path, "not a regular file")]
+    data = tiny_weights.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    cases.append(("truncated", tmp_path / "trunc.safetensors", "not a readable safetensors"))
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    cases.append(("empty", tmp_path / "empty.safetensors", "not a readable safetensors"))
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"weight": [1, 2, 3]}))
+    cases.append(("pickle", tmp_path / "pickle.pt", "not a readable safetensors"))
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "nometa.safetensors"))
+    cases.append(("no metadata", tmp_path / "nometa.safetensors", "metadata lacks"))
+    unet = UNet(PRESETS["tiny"])
+    sd = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    meta = {"format": FORMAT, "unet_config": json.dumps(PRESETS["cpu32"].to_dict()),
+            "schedule": json.dumps(ScheduleConfig().to_dict()), "image_size": "32", "dataset": "d",
+            "training_steps": "0", "code_version": "x"}
+    save_file(sd, str(tmp_path / "mismatch.safetensors"), metadata=meta)
+    cases.append(("other architecture", tmp_path / "mismatch.safetensors", "tensors don't match the config"))
+    wider = {**PRESETS["tiny"].to_dict(), "base_channels": 32}
+    save_file(sd, str(tmp_path / "wider.safetensors"), metadata={**meta, "unet_config": json.dumps(wider),
+                                                                 "image_size": "8"})
+    cases.append(("shape mismatch", tmp_path / "wider.safetensors", "has shape"))
+    sd2 = dict(sd)
+    sd2.pop("conv_in.weight")
+    save_file(sd2, str(tmp_path / "missing_tensor.safetensors"),
+              metadata={**meta, "unet_config": json.dumps(PRESETS["tiny"].to_dict()), "image_size": "8"})
+    cases.append(("missing tensor", tmp_path / "missing_tensor.safetensors", "missing ['conv_in.weight']"))
+    save_file(sd, str(tmp_path / "badcfg.safetensors"),
+              metadata={**meta, "unet_config": json.dumps({"image_size": 8, "wings": 2})})
+    cases.append(("bad config", tmp_path / "badcfg.safetensors", "bad architecture"))
+    save_file(sd, str(tmp_path / "fmt.safetensors"), metadata={**meta, "format": "other/1"})
+    cases.append(("wrong format", tmp_path / "fmt.safetensors", "metadata format"))
+    return cases
+
+
+def test_every_bad_file_gives_one_clear_error(tmp_path, tiny_weights):
+    for name, path, message in _bad(tmp_path, tiny_weights):
+        with pytest.raises(WeightsError) as e:
+            load_weights(path)
+        assert str(path) in str(e.value) and message in str(e.value), (name, str(e.value))
+
+
+def test_sample_cli_writes_pngs_with_provenance(tmp_path, tiny_weights):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "model.sample", "--weights", str(tiny_weights), "--n", "3",
+                        "--seed", "7", "--steps", "20", "--sampler", "ddim", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["7.png", "8.png", "9.png", "grid.png"]
+    img = Image.open(out / "8.png")
+    assert img.size == (8, 8)
+    assert img.text == {"seed": "8", "sampler": "ddim", "steps": "20", "weights_sha256": file_sha256(tiny_weights),
+                        "model": "tiny-test"}
+    assert "100%" in r.stderr  # the progress bar ran to the end
+    # image i of seed s is the image of seed s + i alone
+    out2 = tmp_path / "out2"
+    subprocess.run([sys.executable, "-m", "model.sample", "--weights", str(tiny_weights), "--n", "1", "--seed", "8",
+                    "--steps", "20", "--sampler", "ddim", "--out", str(out2)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    assert (out2 / "8.png").read_bytes() == (out / "8.png").read_bytes()
+
+
+def test_sample_cli_bad_weights_names_the_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not weights")
+    r = subprocess.run([sys.executable, "-m", "model.sample", "--weights", str(bad), "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr

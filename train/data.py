@@ -1,0 +1,150 @@
+"""CelebA (or any folder or tar of face images) -> a uint8 tensor cache of framed, resized images.
+
+Sources: the official `img_align_celeba/` folder of 178x218 JPEGs (with `list_eval_partition.txt` beside or
+inside it, partition 0 trains), any folder of images, or a tar of them (such as ../shared/data/celeba/).
+Framing (`celeba`): the 128x128 box centred at (89, 121) of a 178x218 image used by DDIM's CelebA-64, scaled
+to the image's own size; `center`: the largest centred square. `auto` picks `celeba` for images with CelebA's
+aspect ratio. Images are decoded once into an (N, 3, S, S) uint8 tensor: 8,000 images at 32x32 are 25 MB and
+decode in seconds, after which a batch is an index into memory (bench/results/data-loading.md).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CELEBA_W, CELEBA_H = 178, 218
+CELEBA_BOX = (89.0, 121.0, 128.0)  # centre x, centre y, side, on the 178x218 image
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the path and the problem."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    names: list[str]
+    source: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) of unreadable files
+
+
+def parse_range(text: str | None) -> tuple[int, int] | None:
+    """'1-8000' -> (1, 8000): keep files whose name is a number in that range (CelebA's 000001.jpg ...)."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) > int(m.group(2)):
+        raise DataError(f"--range {text!r}: expected FIRST-LAST, e.g. 1-8000")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _in_range(name: str, rng: tuple[int, int] | None) -> bool:
+    if rng is None:
+        return True
+    stem = Path(name).stem
+    return stem.isdigit() and rng[0] <= int(stem) <= rng[1]
+
+
+def frame_box(w: int, h: int, framing: str) -> tuple[float, float, float, float]:
+    if framing == "auto":
+        framing = "celeba" if abs(w / h - CELEBA_W / CELEBA_H) < 0.02 else "center"
+    if framing == "celeba":
+        s = w / CELEBA_W
+        cx, cy, side = (v * s for v in CELEBA_BOX)
+        return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
+    if framing == "center":
+        side = min(w, h)
+        return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+    raise DataError(f"unknown framing {framing!r} (expected auto, celeba or center)")
+
+
+def frame(img: Image.Image, size: int, framing: str = "auto") -> np.ndarray:
+    """Crop the face box and resize to size x size (antialiased); when the box is already size x size, crop
+    whole pixels only (the half-size CelebA box falls between pixels: no resampling blur for 64x64 models)."""
+    img = img.convert("RGB")
+    box = frame_box(img.width, img.height, framing)
+    if abs((box[2] - box[0]) - size) < 1e-6:
+        left, top = int(box[0]), int(box[1])
+        img = img.crop((left, top, left + size, top + size))
+    else:
+        img = img.resize((size, size), Image.BICUBIC, box=box)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _partition(root: Path) -> dict[str, int] | None:
+    for cand in (root / "list_eval_partition.txt", root.parent / "list_eval_partition.txt"):
+        if cand.is_file():
+            parts = {}
+            for line in cand.read_text().split("\n"):
+                bits = line.split()
+                if len(bits) == 2 and bits[1].isdigit():
+                    parts[bits[0]] = int(bits[1])
+            return parts
+    return None
+
+
+def _entries(path: Path, rng, partition: int | None):
+    """Yield (name, bytes-loader) for each candidate image file, sorted by name."""
+    if path.is_file() and tarfile.is_tarfile(path):
+        tf = tarfile.open(path)
+        members = sorted((m for m in tf.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)
+                          and _in_range(m.name, rng)), key=lambda m: m.name)
+        return [(m.name, (lambda m=m: tf.extractfile(m).read())) for m in members]
+    if path.is_dir():
+        tars = sorted(p for p in path.iterdir() if p.suffix == ".tar")
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        if not files and len(tars) == 1:
+            return _entries(tars[0], rng, partition)
+        if not files and len(tars) > 1:
+            raise DataError(f"{path}: holds several tars ({', '.join(t.name for t in tars)}); name one")
+        parts = _partition(path) if partition is not None else None
+        if parts is not None:
+            files = [f for f in files if parts.get(f.name) == partition]
+        return [(str(f.relative_to(path)), f.read_bytes) for f in files if _in_range(f.name, rng)]
+    raise DataError(f"{path}: not a folder of images or a tar of them")
+
+
+def load_images(path: str | Path, size: int, *, range_: str | None = None, framing: str = "auto",
+                partition: int | None = 0, min_images: int = 1, progress: bool = True) -> ImageSet:
+    """Decode every image under `path` (folder or tar), framed and resized to size x size."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    entries = _entries(path, parse_range(range_), partition)
+    if not entries:
+        raise DataError(f"{path}: no images found" + (f" in range {range_}" if range_ else "")
+                        + f" (looked for {', '.join(IMAGE_EXTS)})")
+    arrays, names, skipped, sizes = [], [], [], {}
+    for name, read in tqdm(entries, desc=f"decoding {path.name}", unit="img", disable=not progress):
+        try:
+            with Image.open(io.BytesIO(read())) as img:
+                img.load()
+                sizes.setdefault(img.size, name)
+                arrays.append(frame(img, size, framing))
+                names.append(name)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            skipped.append((name, f"{type(e).__name__}: {e}"))
+    if len(sizes) > 1 and framing != "center":
+        listed = ", ".join(f"{w}x{h} (e.g. {n})" for (w, h), n in list(sizes.items())[:4])
+        raise DataError(f"{path}: images of mixed sizes: {listed}. The face framing is defined on one image size; "
+                        "resize them to one size first, or pass --framing center to take centred squares")
+    if len(arrays) < min_images:
+        raise DataError(f"{path}: {len(arrays)} readable images, at least {min_images} needed"
+                        + (f" ({len(skipped)} unreadable, e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, names, str(path), skipped)
+
+
+def to_model_range(batch_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return batch_u8.float() / 127.5 - 1.0

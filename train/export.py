@@ -1,0 +1,49 @@
+"""Export a run's EMA weights for serving: `python -m train.export RUN_DIR --out weights/NAME.safetensors`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from model.diffusion import ScheduleConfig
+from model.unet import UNet, UNetConfig
+from model.weights import save_weights
+
+from .train import load_checkpoint
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__)
+    p.add_argument("run_dir", help="a training run folder holding ckpt.pt")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--dtype", default="fp32", choices=["fp16", "fp32"])
+    p.add_argument("--name", default=None, help="model name in the metadata (default: the output file's stem)")
+    p.add_argument("--dataset", default=None, help="dataset description (default: from the run's metadata)")
+    a = p.parse_args(argv)
+    ckpt = Path(a.run_dir) / "ckpt.pt"
+    if not ckpt.is_file():
+        print(f"error: {ckpt}: no checkpoint (is {a.run_dir} a training run folder?)", file=sys.stderr)
+        return 2
+    try:
+        state = load_checkpoint(ckpt)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        print(f"error: {ckpt}: cannot read checkpoint: {e}", file=sys.stderr)
+        return 2
+    cfg = UNetConfig.from_dict(json.loads(state["unet_config"]))
+    meta = json.loads(state.get("meta", "{}"))
+    unet = UNet(cfg)
+    unet.load_state_dict(state["ema"])
+    dataset = a.dataset or f"CelebA img_align_celeba ({meta.get('data')}, images {meta.get('range') or 'all'})"
+    save_weights(a.out, unet, ScheduleConfig.from_dict(json.loads(state["schedule"])),
+                 name=a.name or Path(a.out).stem, dataset=dataset, training_steps=int(state["step"]),
+                 training={**meta, "ema": True}, dtype=torch.float16 if a.dtype == "fp16" else torch.float32)
+    print(f"wrote {a.out}: EMA weights at step {int(state['step'])} ({a.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

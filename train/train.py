@@ -1,0 +1,287 @@
+"""Train the DDPM U-Net: `python -m train --data PATH --preset NAME --out RUN_DIR [--steps N] [--resume]`.
+
+One process (CPU or one GPU) or many under torchrun (DistributedDataParallel; rank 0 logs and checkpoints).
+Every random draw of step s on rank r (batch order, flips, t, eps, dropout) comes from generators seeded by
+(seed, s, r), so `--resume` continues exactly: 20 steps + resume + 20 steps gives the weights of 40 straight.
+
+RUN_DIR gets: ckpt.pt (weights, EMA, optimizer, step, RNG states; written atomically, loaded with
+weights_only=True), metrics.jsonl, samples/step_NNNNNN.png (EMA weights), and TensorBoard logs when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model.diffusion import SAMPLERS, Diffusion, ScheduleConfig
+from model.engine import SamplerEngine, generate, pick_device
+from model.images import grid, png_bytes
+from model.unet import PRESETS, UNet, UNetConfig
+
+from .data import DataError, load_images, to_model_range
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="image folder, CelebA's img_align_celeba/, or a tar of images")
+    p.add_argument("--range", dest="range_", default=None, help="keep images numbered FIRST-LAST, e.g. 1-8000")
+    p.add_argument("--framing", default="auto", choices=["auto", "celeba", "center"])
+    p.add_argument("--preset", default="cpu32", choices=sorted(PRESETS))
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--steps", type=int, default=10000, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (split across processes)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--sample-every", type=int, default=2000)
+    p.add_argument("--sample-sampler", default="ddim", choices=SAMPLERS)
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--time-budget", type=float, default=None, help="stop (and checkpoint) after this many seconds")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return a
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process and Python version."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _gen(device, *parts: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+class ShardedOrder:
+    """Epoch-wise shuffled order over N images; step s on rank r takes its slice of the global batch."""
+
+    def __init__(self, n: int, seed: int, global_batch: int, rank: int, world: int):
+        self.n, self.seed, self.gb, self.rank, self.world = n, seed, global_batch, rank, world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=_gen("cpu", self.seed, epoch, -1))}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> torch.Tensor:
+        per_rank = self.gb // self.world
+        pos = step * self.gb + self.rank * per_rank + torch.arange(per_rank)
+        return torch.stack([self._perm(int(p) // self.n)[int(p) % self.n] for p in pos])
+
+
+def lr_at(step: int, a) -> float:
+    return a.lr * min(1.0, (step + 1) / a.warmup) if a.warmup > 0 else a.lr
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    d = min(decay, (1 + step) / (10 + step))  # warm-up: average quickly at first
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach().float(), 1 - d)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one, never half of one
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if a.device == "auto" and distributed and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = pick_device(a.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.batch_size % world:
+        raise SystemExit(f"error: --batch-size {a.batch_size} is not divisible by {world} processes")
+    is_main = rank == 0
+    out = Path(a.out)
+    ckpt_path = out / "ckpt.pt"
+
+    cfg = PRESETS[a.preset]
+    if a.dropout is not None:
+        cfg = UNetConfig.from_dict({**cfg.to_dict(), "dropout": a.dropout})
+    schedule = ScheduleConfig(kind=a.schedule)
+    start_step, resumed = 0, None
+    if a.resume:
+        if not ckpt_path.is_file():
+            raise SystemExit(f"error: --resume: {ckpt_path} does not exist")
+        resumed = load_checkpoint(ckpt_path)
+        cfg = UNetConfig.from_dict(json.loads(resumed["unet_config"]))
+        schedule = ScheduleConfig.from_dict(json.loads(resumed["schedule"]))
+        start_step = int(resumed["step"])
+
+    try:
+        data = load_images(a.data, cfg.image_size, range_=a.range_, framing=a.framing,
+                           min_images=max(a.batch_size, 2), progress=is_main and not a.no_progress)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "samples").mkdir(exist_ok=True)
+        print(f"data: {len(data.names)} images from {data.source} at {cfg.image_size}x{cfg.image_size}"
+              + (f", {len(data.skipped)} unreadable skipped (e.g. {data.skipped[0][0]})" if data.skipped else ""))
+
+    diffusion = Diffusion(schedule)
+    torch.manual_seed(a.seed)
+    model = UNet(cfg).to(device).to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).float().eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), weight_decay=a.weight_decay)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        ema.load_state_dict(resumed["ema"])
+        opt.load_state_dict(resumed["optimizer"])
+        torch.set_rng_state(resumed["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in resumed:
+            torch.cuda.set_rng_state(resumed["rng_cuda"])
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    fwd = torch.compile(net) if a.compile else net
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    order = ShardedOrder(len(data.names), a.seed, a.batch_size, rank, world)
+    images = data.images.to(device) if device.type == "cuda" else data.images
+
+    command = "python -m train " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    meta = {"command": command, "data": str(a.data), "range": a.range_, "images": len(data.names),
+            "preset": a.preset, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
+            "world_size": world, "device": str(device)}
+    tb = None
+    if is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(out / "tb"))
+        except Exception:  # TensorBoard is optional
+            tb = None
+    log = open(out / "metrics.jsonl", "a") if is_main else None
+
+    def checkpoint(step: int) -> None:
+        state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
+                     rng_cpu=torch.get_rng_state(), unet_config=json.dumps(cfg.to_dict()),
+                     schedule=json.dumps(schedule.to_dict()), meta=json.dumps(meta))
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(ckpt_path, **state)
+
+    def sample_grid(step: int) -> None:
+        engine = SamplerEngine(copy.deepcopy(ema), diffusion, device, torch.float32)
+        imgs = generate(engine, list(range(16)), a.sample_sampler, min(a.sample_steps, diffusion.T), 16)
+        (out / "samples" / f"step_{step:06d}.png").write_bytes(png_bytes(grid(imgs, 4)))
+
+    t0, last_t, last_step = time.time(), time.time(), start_step
+    loss_acc, loss_n = torch.zeros((), device=device), 0
+    bar = tqdm(total=a.steps, initial=start_step, desc="train", unit="step",
+               disable=not is_main or a.no_progress, dynamic_ncols=True)
+    step = start_step
+    net.train()
+    while step < a.steps:
+        g = _gen(device, a.seed, step, rank)
+        torch.manual_seed(derive_seed(a.seed, step, rank, 1))  # dropout draws
+        idx = order.indices(step).to(images.device)
+        x0 = to_model_range(images[idx])
+        flip = torch.rand(x0.shape[0], device=device, generator=g) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=torch.channels_last)
+        t = torch.randint(0, diffusion.T, (x0.shape[0],), device=device, generator=g)
+        eps = torch.randn(x0.shape, device=device, generator=g)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, a)
+        with amp:
+            loss = diffusion.training_loss(fwd, x0, t, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        ema_update(ema, model, step, a.ema_decay)
+        step += 1
+        loss_acc += loss.detach()
+        loss_n += 1
+        bar.update(1)
+        if step % a.log_every == 0 or step == a.steps:
+            mean_loss = (loss_acc / loss_n).item()
+            if distributed:
+                lt = torch.tensor([mean_loss], device=device)
+                dist.all_reduce(lt)
+                mean_loss = lt.item() / world
+            now = time.time()
+            rate = (step - last_step) / max(now - last_t, 1e-9)
+            if is_main:
+                rec = {"step": step, "loss": round(mean_loss, 6), "lr": lr_at(step - 1, a),
+                       "grad_norm": round(float(gnorm), 4), "steps_per_s": round(rate, 3),
+                       "images_per_s": round(rate * a.batch_size, 1), "elapsed_s": round(now - t0, 1)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", it_s=f"{rate:.2f}")
+                if tb is not None:
+                    tb.add_scalar("loss", mean_loss, step)
+                    tb.add_scalar("lr", rec["lr"], step)
+            loss_acc.zero_()
+            loss_n, last_t, last_step = 0, now, step
+        out_of_time = a.time_budget is not None and time.time() - t0 > a.time_budget
+        if distributed:  # every rank must agree to stop together
+            flag = torch.tensor([float(out_of_time)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if is_main and (step % a.sample_every == 0 or step == a.steps or out_of_time):
+            sample_grid(step)
+        if is_main and (step % a.ckpt_every == 0 or step == a.steps or out_of_time):
+            checkpoint(step)
+        if out_of_time:
+            break
+    bar.close()
+    if distributed:
+        vec = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        ref = vec.clone()
+        dist.broadcast(ref, 0)
+        diff = (vec - ref).abs().max()
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        if is_main:
+            log.write(json.dumps({"step": step, "ranks_in_sync": bool(diff.item() == 0.0),
+                                  "max_param_diff": float(diff)}) + "\n")
+        dist.barrier()
+        dist.destroy_process_group()
+    if is_main:
+        log.close()
+        if tb is not None:
+            tb.close()
+        print(f"done: step {step}, checkpoint {ckpt_path}")
+    return 0
