@@ -98,8 +98,8 @@ class SamplerEngine:
             self._table = torch.cat([self._table, table])
         return self._table_offsets[key]
 
-    def add(self, group: Hashable, specs: Iterable[SampleSpec]) -> None:
-        """Add samples (index 0..n-1 of `group`); they start at their own step 0 on the next step()."""
+    def add(self, group: Hashable, specs: Iterable[SampleSpec], first_index: int = 0) -> None:
+        """Add samples as indices first_index.. of `group`; they start at their own step 0 on the next step()."""
         specs = list(specs)
         if not specs:
             return
@@ -115,7 +115,7 @@ class SamplerEngine:
         self.seeds = torch.cat([self.seeds, seeds])
         self.pos = torch.cat([self.pos, zero])
         self.offset = torch.cat([self.offset, torch.tensor(offsets, dtype=torch.int64, device=self.device)])
-        self.rows += [_Row(group, i, s.sampler, s.steps) for i, s in enumerate(specs)]
+        self.rows += [_Row(group, first_index + i, s.sampler, s.steps) for i, s in enumerate(specs)]
         self._count_kinds()
         self._z = None  # refilled for all rows at the next step
 

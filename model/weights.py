@@ -67,6 +67,7 @@ def save_weights(path: str | os.PathLike, unet: UNet, schedule: ScheduleConfig, 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # readable by a service running as another user
     os.replace(tmp, path)
 
 

@@ -1,0 +1,31 @@
+"""Service configuration: environment variables prefixed CELEBA_DDPM_ (or `python -m service` flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.weights import DEFAULT_WEIGHTS
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CELEBA_DDPM_", extra="ignore")
+
+    weights: Path = Field(DEFAULT_WEIGHTS, description="safetensors weights file")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    max_batch: int = Field(16, ge=1, description="most samples denoised together in one step")
+    max_n: int = Field(16, ge=1, description="most images in one request")
+    queue_size: int = Field(64, ge=1, description="most requests waiting for admission; beyond: 503")
+    api_key: SecretStr | None = Field(None, description="if set, /generate needs 'Authorization: Bearer <key>'")
+    request_timeout_s: float | None = Field(None, gt=0, description="default per-request deadline (none: no limit)")
+    max_body_bytes: int = Field(4096, ge=256, description="larger request bodies get 413")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
+    channels_last: bool = True
+    warmup: bool = True
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time to finish in-flight work")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)

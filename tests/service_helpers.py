@@ -1,0 +1,70 @@
+"""Run the real app under uvicorn on a loopback port in a background thread, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(settings: Settings, weights=None, app_hook=None):
+    """Yield (base_url, app) of a served app; stop it afterwards."""
+    app = create_app(settings, weights)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise RuntimeError("service did not become ready")
+    if app_hook:
+        app_hook(app)
+    try:
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def metric(url: str, name: str, labels: dict | None = None) -> float:
+    """The value of one sample from /metrics (0 when absent), parsed with prometheus_client's parser."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                return s.value
+    return 0.0
+
+
+def decode_png(data: bytes | str) -> tuple[np.ndarray, dict]:
+    if isinstance(data, str):
+        data = base64.b64decode(data)
+    img = Image.open(io.BytesIO(data))
+    return np.asarray(img), dict(img.text)

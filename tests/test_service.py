@@ -1,0 +1,315 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.engine import SamplerEngine, generate
+from model.images import png_bytes, provenance
+from model.weights import file_sha256, load_weights
+from service.settings import Settings
+
+from conftest import ROOT
+from service_helpers import decode_png, free_port, metric, running
+
+
+@pytest.fixture(scope="module")
+def served(tiny_weights):
+    with running(Settings(weights=tiny_weights, max_batch=8, max_n=8, queue_size=8)) as (url, app):
+        yield url, app
+
+
+def post(url, body, **kw):
+    return httpx.post(url + "/generate", json=body, timeout=120, **kw)
+
+
+def offline(weights_path, seeds, sampler, steps):
+    w = load_weights(weights_path)
+    return generate(SamplerEngine(w.unet, w.diffusion), seeds, sampler, steps, batch_size=len(seeds))
+
+
+def _nearly_equal(x, y):
+    diff = np.abs(x.astype(int) - y.astype(int))
+    return diff.max() <= 1 and (diff > 0).mean() <= 0.001
+
+
+def test_json_contract(served, tiny_weights):
+    url, _ = served
+    r = post(url, {"n": 3, "seed": 7, "steps": 20, "sampler": "ddim"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["seed"], body["model"], body["sampler"], body["steps"]) == (7, "tiny-test", "ddim", 20)
+    assert [im["seed"] for im in body["images"]] == [7, 8, 9]
+    assert set(body["timings"]) == {"queue_s", "generate_s"} and body["timings"]["generate_s"] > 0
+    sha = file_sha256(tiny_weights)
+    expected = offline(tiny_weights, [7, 8, 9], "ddim", 20)
+    for i, im in enumerate(body["images"]):
+        pixels, text = decode_png(im["png"])
+        assert pixels.shape == (8, 8, 3)
+        assert text == {"seed": str(7 + i), "sampler": "ddim", "steps": "20", "weights_sha256": sha, "model": "tiny-test"}
+        assert np.array_equal(pixels, expected[i])
+
+
+def test_random_seed_is_echoed(served):
+    url, _ = served
+    a, b = post(url, {"steps": 2, "sampler": "ddim"}).json(), post(url, {"steps": 2, "sampler": "ddim"}).json()
+    assert 0 <= a["seed"] < 2**63 and a["seed"] != b["seed"]
+    assert a["images"][0]["seed"] == a["seed"]
+
+
+def test_png_response_matches_offline_cli_for_the_full_ddpm_loop(served, tiny_weights, tmp_path):
+    url, _ = served
+    r = post(url, {"n": 1, "seed": 11}, headers={"Accept": "image/png"})  # 1000-step ddpm, the default
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["x-seed"] == "11"
+    subprocess.run([sys.executable, "-m", "model.sample", "--weights", str(tiny_weights), "--n", "1", "--seed", "11",
+                    "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert r.content == (tmp_path / "11.png").read_bytes()  # same pixels, same provenance chunks
+    grid = post(url, {"n": 4, "seed": 1, "steps": 5, "sampler": "ddim"}, headers={"Accept": "image/png"})
+    pixels, text = decode_png(grid.content)
+    assert pixels.shape == (2 + 2 * 10, 2 + 2 * 10, 3) and text["seeds"] == "1-4"
+
+
+BAD = [
+    ({"n": 0}, "n"), ({"n": 9}, "n: must be at most 8"), ({"n": "4"}, "n"), ({"n": 4.0}, "n"), ({"n": None}, "n"),
+    ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"seed": "7"}, "seed"), ({"seed": 2**63 - 1, "n": 2}, "seed"),
+    ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"), ({"sampler": "euler"}, "sampler"),
+    ({"n": 1, "prompt": "a face"}, "prompt: Extra inputs are not permitted"), ({"weights": "/etc/passwd"}, "weights"),
+    ({"deadline_s": 0}, "deadline_s"), ([1, 2], "body"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD)
+def test_bad_input_is_a_422_with_a_message(served, body, message):
+    url, _ = served
+    r = post(url, body)
+    assert r.status_code == 422 and message in r.json()["detail"], r.text
+
+
+def test_malformed_json_and_large_bodies(served):
+    url, _ = served
+    before = metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "invalid"})
+    r = httpx.post(url + "/generate", content=b'{"n": 4,', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    assert metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "invalid"}) == before + 1
+    r = httpx.post(url + "/generate", content=json.dumps({"n": 1, "pad": "x" * 10000}),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "bytes" in r.json()["detail"]
+    assert metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "body_too_large"}) >= 1
+    assert metric(url, "celeba_ddpm_http_requests_total",
+                  {"endpoint": "/generate", "method": "POST", "status": "413"}) >= 1
+
+
+def test_results_do_not_depend_on_other_requests_in_the_batch(served):
+    url, _ = served
+    reqs = [{"n": 2, "seed": 100, "steps": 200, "sampler": "ddpm"}, {"n": 1, "seed": 5, "steps": 30, "sampler": "ddim"},
+            {"n": 3, "seed": 50, "steps": 40, "sampler": "dpm-solver++"}, {"n": 1, "seed": 101, "steps": 200}]
+    alone = [post(url, b).json() for b in reqs]
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        together = list(ex.map(lambda b: post(url, b).json(), reqs))
+    for a, t in zip(alone, together):
+        for ia, it in zip(a["images"], t["images"]):
+            assert _nearly_equal(decode_png(ia["png"])[0], decode_png(it["png"])[0])
+    # image 1 of seed 100 is the image of seed 101 alone
+    assert _nearly_equal(decode_png(alone[0]["images"][1]["png"])[0], decode_png(alone[3]["images"][0]["png"])[0])
+
+
+def test_short_request_overtakes_a_long_one(served, tiny_weights):
+    url, _ = served
+    results = {}
+
+    def send(name, body):
+        results[name] = (post(url, body), time.monotonic())
+
+    start = metric(url, "celeba_ddpm_sample_denoising_steps_total")
+    long = threading.Thread(target=send, args=("long", {"n": 1, "seed": 3, "steps": 1000}))
+    long.start()
+    while metric(url, "celeba_ddpm_sample_denoising_steps_total") - start < 500:
+        time.sleep(0.02)
+    send("short", {"n": 1, "seed": 4, "steps": 10, "sampler": "ddim"})
+    long.join()
+    assert results["short"][1] < results["long"][1]  # the short one did not wait for the long one's 1000 steps
+    assert results["long"][0].json()["timings"]["generate_s"] > results["short"][0].json()["timings"]["generate_s"]
+    ref_long, ref_short = offline(tiny_weights, [3], "ddpm", 1000)[0], offline(tiny_weights, [4], "ddim", 10)[0]
+    assert _nearly_equal(decode_png(results["long"][0].json()["images"][0]["png"])[0], ref_long)
+    assert _nearly_equal(decode_png(results["short"][0].json()["images"][0]["png"])[0], ref_short)
+
+
+def test_metrics_parse_and_move(served):
+    url, _ = served
+    text = httpx.get(url + "/metrics").text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    for n in ["celeba_ddpm_http_requests", "celeba_ddpm_http_request_duration_seconds", "celeba_ddpm_queue_wait_seconds",
+              "celeba_ddpm_generation_duration_seconds", "celeba_ddpm_queue_depth_requests",
+              "celeba_ddpm_active_samples", "celeba_ddpm_batch_size_samples", "celeba_ddpm_denoising_steps",
+              "celeba_ddpm_images_generated", "celeba_ddpm_step_duration_seconds",
+              "celeba_ddpm_gpu_memory_allocated_bytes", "celeba_ddpm_model_info"]:
+        assert n in names, n
+    images0 = metric(url, "celeba_ddpm_images_generated_total")
+    steps0 = metric(url, "celeba_ddpm_sample_denoising_steps_total")
+    ok0 = metric(url, "celeba_ddpm_http_requests_total", {"endpoint": "/generate", "method": "POST", "status": "200"})
+    assert post(url, {"n": 3, "seed": 1, "steps": 7, "sampler": "ddim"}).status_code == 200
+    assert metric(url, "celeba_ddpm_images_generated_total") == images0 + 3
+    assert metric(url, "celeba_ddpm_sample_denoising_steps_total") == steps0 + 21
+    assert metric(url, "celeba_ddpm_http_requests_total",
+                  {"endpoint": "/generate", "method": "POST", "status": "200"}) == ok0 + 1
+    assert metric(url, "celeba_ddpm_model_info", {"name": "tiny-test", "device": "cpu", "dtype": "fp32",
+                                                  "resolution": "8"}) == 1
+    assert "seed=" not in text  # no per-seed labels
+
+
+def test_health_model_and_openapi(served):
+    url, _ = served
+    assert httpx.get(url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(url + "/readyz").json()["status"] == "ready"
+    info = httpx.get(url + "/v1/model").json()
+    assert info["resolution"] == 8 and info["schedule"]["num_timesteps"] == 1000 and info["device"] == "cpu"
+    assert info["dtype"] == "fp32" and len(info["sha256"]) == 64 and info["architecture"]["base_channels"] == 16
+    spec = httpx.get(url + "/openapi.json").json()
+    gen = spec["paths"]["/generate"]["post"]
+    assert {"200", "401", "413", "422", "503", "504"} <= set(gen["responses"])
+    assert "image/png" in gen["responses"]["200"]["content"]
+    assert spec["components"]["schemas"]["GenerateRequest"]["examples"][0] == {"n": 4, "seed": 7}
+    assert {"/metrics", "/healthz", "/readyz", "/v1/model"} <= set(spec["paths"])
+
+
+def test_deadline(served):
+    url, _ = served
+    before = metric(url, "celeba_ddpm_cancelled_requests_total", {"reason": "deadline"})
+    r = post(url, {"n": 1, "seed": 1, "steps": 1000, "deadline_s": 0.2})
+    assert r.status_code == 504 and "deadline" in r.json()["detail"]
+    assert metric(url, "celeba_ddpm_cancelled_requests_total", {"reason": "deadline"}) == before + 1
+
+
+def test_client_disconnect_removes_its_samples(served):
+    url, _ = served
+    before = metric(url, "celeba_ddpm_cancelled_requests_total", {"reason": "disconnect"})
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"n": 4, "seed": 1, "steps": 1000}).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    t0 = time.monotonic()
+    while metric(url, "celeba_ddpm_active_samples") < 4 and time.monotonic() - t0 < 20:
+        time.sleep(0.02)
+    steps_at_close = metric(url, "celeba_ddpm_sample_denoising_steps_total")
+    s.close()
+    while metric(url, "celeba_ddpm_cancelled_requests_total", {"reason": "disconnect"}) < before + 1:
+        assert time.monotonic() - t0 < 20, "disconnect was not noticed"
+        time.sleep(0.05)
+    assert metric(url, "celeba_ddpm_active_samples") == 0
+    # the 4 samples stopped well short of their 4 x 1000 steps
+    assert metric(url, "celeba_ddpm_sample_denoising_steps_total") - steps_at_close < 3000
+
+
+def test_queue_full_gives_503_with_retry_after(tiny_weights):
+    with running(Settings(weights=tiny_weights, max_batch=1, queue_size=1, warmup=False)) as (url, _):
+        long = {"n": 1, "seed": 1, "steps": 1000}
+        with ThreadPoolExecutor(2) as ex:
+            first = ex.submit(post, url, long)
+            while metric(url, "celeba_ddpm_active_samples") < 1:
+                time.sleep(0.01)
+            second = ex.submit(post, url, long)
+            while metric(url, "celeba_ddpm_queue_depth_requests") < 1:
+                time.sleep(0.01)
+            r = post(url, long)
+            assert r.status_code == 503 and "queue full" in r.json()["detail"]
+            assert int(r.headers["retry-after"]) >= 1
+            assert metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "queue_full"}) == 1
+            assert first.result().status_code == 200 and second.result().status_code == 200  # nothing accepted is lost
+
+
+def test_api_key(tiny_weights):
+    with running(Settings(weights=tiny_weights, api_key="s3cret", warmup=False)) as (url, _):
+        body = {"n": 1, "steps": 2, "sampler": "ddim"}
+        r = post(url, body)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert post(url, body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert post(url, body, headers={"Authorization": "Basic czNjcmV0"}).status_code == 401
+        assert post(url, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(url + "/metrics").status_code == 200 and httpx.get(url + "/healthz").status_code == 200
+        assert metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "unauthorized"}) == 3
+
+
+def test_out_of_memory_fails_the_batch_and_keeps_serving(tiny_weights):
+    def inject(app):
+        engine = app.state.runtime.engine
+        real = engine.step
+        calls = {"n": 0}
+
+        def flaky():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real()
+        engine.step = flaky
+
+    with running(Settings(weights=tiny_weights, max_batch=8, warmup=False), app_hook=inject) as (url, _):
+        r = post(url, {"n": 4, "seed": 1, "steps": 50, "sampler": "ddim"})
+        assert r.status_code == 503 and "out of GPU memory" in r.json()["detail"] and "retry-after" in r.headers
+        assert metric(url, "celeba_ddpm_out_of_memory_errors_total") == 1
+        assert metric(url, "celeba_ddpm_batch_limit_samples") == 2
+        assert httpx.get(url + "/v1/model").json()["max_batch"] == 2
+        r = post(url, {"n": 4, "seed": 1, "steps": 50, "sampler": "ddim"})  # served in parts of 2
+        assert r.status_code == 200 and len(r.json()["images"]) == 4
+
+
+def _start_service(args, env=None):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--host", "127.0.0.1", *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_start_up_with_a_bad_weights_file_fails_clearly(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    proc, _ = _start_service([], env={"CELEBA_DDPM_WEIGHTS": str(bad)})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and str(bad) in out and "Traceback" not in out
+    proc, _ = _start_service(["--weights", str(tmp_path / "missing.safetensors")])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "missing.safetensors: no such file" in out
+
+
+def test_sigterm_stops_admission_and_finishes_in_flight_work(tiny_weights):
+    proc, url = _start_service(["--weights", str(tiny_weights), "--shutdown-grace-s", "60"])
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() - t0 < 60 and proc.poll() is None
+            time.sleep(0.1)
+        with ThreadPoolExecutor(1) as ex:
+            inflight = ex.submit(post, url, {"n": 2, "seed": 1, "steps": 1000})
+            while metric(url, "celeba_ddpm_active_samples") < 2:
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            try:
+                late = post(url, {"n": 1, "steps": 2, "sampler": "ddim"})
+                assert late.status_code == 503
+            except httpx.TransportError:
+                pass  # the listener is already closed: also refused
+            r = inflight.result(timeout=120)
+            assert r.status_code == 200 and len(r.json()["images"]) == 2
+        # uvicorn re-raises the signal after a clean shutdown, so the exit status is SIGTERM's
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in proc.stdout.read()
+    finally:
+        proc.kill()
