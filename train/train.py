@@ -269,7 +269,7 @@ def main(argv=None) -> int:
             break
     bar.close()
     if distributed:
-        vec = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        vec = torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # channels_last: no .view
         ref = vec.clone()
         dist.broadcast(ref, 0)
         diff = (vec - ref).abs().max()

@@ -1,0 +1,189 @@
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.diffusion import Diffusion
+from model.engine import SamplerEngine, generate
+from model.unet import PRESETS, UNet
+from model.weights import load_weights
+from train.data import DataError, frame_box, load_images
+from train.train import load_checkpoint
+from train.train import main as train_main
+
+from conftest import CELEBA_TAR, ROOT, needs_celeba
+
+
+def make_faces(folder, n=48, size=(178, 218), seed=0):
+    """Synthetic 'faces': a bright ellipse on a dark background with two eyes, jittered."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size[1], size[0]
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        cx, cy = 89 + rng.normal(0, 4), 121 + rng.normal(0, 4)
+        face = ((xx - cx) / 40) ** 2 + ((yy - cy) / 52) ** 2 < 1
+        img = np.zeros((h, w, 3), np.uint8) + rng.integers(0, 60, 3).astype(np.uint8)
+        img[face] = rng.integers(150, 255, 3)
+        for ex in (cx - 16, cx + 16):
+            img[((xx - ex) ** 2 + (yy - cy + 10) ** 2) < 36] = 20
+        Image.fromarray(img).save(folder / f"{i + 1:06d}.jpg", quality=95)
+    return folder
+
+
+def fixed_loss(unet, images):
+    d = Diffusion()
+    g = torch.Generator().manual_seed(0)
+    x0 = images.float() / 127.5 - 1
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        return d.training_loss(unet.eval(), x0, t, eps).item()
+
+
+def _train(args):
+    assert train_main([*args, "--no-progress"]) == 0
+
+
+def test_training_lowers_the_loss_and_exports(tmp_path):
+    data = make_faces(tmp_path / "faces")
+    out = tmp_path / "run"
+    _train(["--data", str(data), "--preset", "tiny", "--out", str(out), "--steps", "80", "--batch-size", "16",
+            "--lr", "2e-3", "--warmup", "5", "--log-every", "10", "--sample-every", "80", "--sample-steps", "5"])
+    images = load_images(data, 8, progress=False).images
+    torch.manual_seed(0)
+    before = fixed_loss(UNet(PRESETS["tiny"]), images)
+    state = load_checkpoint(out / "ckpt.pt")
+    trained = UNet(PRESETS["tiny"])
+    trained.load_state_dict(state["model"])
+    after = fixed_loss(trained, images)
+    assert after < 0.6 * before, (before, after)
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(10, 81, 10)) and logs[-1]["loss"] < logs[0]["loss"]
+    assert (out / "samples" / "step_000080.png").is_file()
+
+    r = subprocess.run([sys.executable, "-m", "train.export", str(out), "--out", str(tmp_path / "w.safetensors"),
+                        "--dtype", "fp16"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    w = load_weights(tmp_path / "w.safetensors")
+    assert w.metadata["training_steps"] == "80" and w.unet.config == PRESETS["tiny"]
+    training = json.loads(w.metadata["training"])
+    assert training["command"].startswith("python -m train --data") and training["ema"] is True
+    ema = UNet(PRESETS["tiny"])
+    ema.load_state_dict(state["ema"])
+    for k, v in ema.state_dict().items():
+        assert torch.allclose(w.unet.state_dict()[k], v, rtol=1e-3, atol=1e-3)
+    imgs = generate(SamplerEngine(w.unet, w.diffusion), [0, 1], "ddim", 10)
+    assert imgs.shape == (2, 8, 8, 3)
+    r = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "nothing"), "--out", "x.safetensors"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nothing/ckpt.pt" in r.stderr
+
+
+def test_resume_is_exact(tmp_path):
+    data = make_faces(tmp_path / "faces", n=40)
+    common = ["--data", str(data), "--preset", "tiny", "--batch-size", "8", "--warmup", "10", "--log-every", "5",
+              "--sample-every", "1000", "--dropout", "0.1"]
+    _train([*common, "--out", str(tmp_path / "straight"), "--steps", "40"])
+    _train([*common, "--out", str(tmp_path / "resumed"), "--steps", "20"])
+    _train([*common, "--out", str(tmp_path / "resumed"), "--steps", "40", "--resume"])
+    a, b = load_checkpoint(tmp_path / "straight" / "ckpt.pt"), load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    assert a["step"] == b["step"] == 40
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_two_process_ddp_stays_in_sync(tmp_path):
+    data = make_faces(tmp_path / "faces", n=32)
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "train", "--data", str(data), "--preset", "tiny", "--out", str(out), "--steps", "12",
+                        "--batch-size", "8", "--log-every", "4", "--sample-every", "1000", "--no-progress",
+                        "--device", "cpu", "--threads", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logs[-1] == {"step": 12, "ranks_in_sync": True, "max_param_diff": 0.0}
+    assert [r["step"] for r in logs[:-1]] == [4, 8, 12]  # rank 0 alone logs
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 12
+
+
+@needs_celeba()
+def test_a_few_steps_on_the_shared_celeba_tar_lower_the_loss(tmp_path):
+    out = tmp_path / "celeba"
+    _train(["--data", str(CELEBA_TAR), "--range", "1-256", "--preset", "tiny", "--out", str(out), "--steps", "60",
+            "--batch-size", "32", "--lr", "2e-3", "--warmup", "5", "--log-every", "10", "--sample-every", "1000"])
+    images = load_images(CELEBA_TAR, 8, range_="8001-8064", progress=False).images  # held-out images
+    torch.manual_seed(0)
+    before = fixed_loss(UNet(PRESETS["tiny"]), images)
+    trained = UNet(PRESETS["tiny"])
+    trained.load_state_dict(load_checkpoint(out / "ckpt.pt")["model"])
+    assert fixed_loss(trained, images) < 0.6 * before
+
+
+@needs_celeba()
+def test_celeba_framing_and_range():
+    s = load_images(CELEBA_TAR, 64, range_="8001-8010", progress=False)
+    assert s.images.shape == (10, 3, 64, 64) and s.names[0] == "008001.jpg" and s.names[-1] == "008010.jpg"
+    assert frame_box(89, 109, "auto") == (12.5, 28.5, 76.5, 92.5)  # the README's box: centre (44.5, 60.5)
+
+
+def test_official_layout_with_partition_file(tmp_path):
+    root = tmp_path / "img_align_celeba"
+    make_faces(root, n=6)
+    (tmp_path / "list_eval_partition.txt").write_text(
+        "\n".join(f"{i:06d}.jpg {0 if i <= 4 else 1}" for i in range(1, 7)))
+    s = load_images(root, 16, progress=False)
+    assert s.names == [f"{i:06d}.jpg" for i in range(1, 5)]
+
+
+def test_bad_data_gives_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_images(tmp_path / "missing", 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no images found"):
+        load_images(tmp_path / "empty", 8)
+    few = make_faces(tmp_path / "few", n=3)
+    with pytest.raises(DataError, match="3 readable images, at least 16 needed"):
+        load_images(few, 8, min_images=16)
+    with pytest.raises(DataError, match="no images found in range 100-200"):
+        load_images(few, 8, range_="100-200")
+    with pytest.raises(DataError, match="expected FIRST-LAST"):
+        load_images(few, 8, range_="ten")
+    # unreadable files are skipped and counted, not a crash
+    broken = make_faces(tmp_path / "broken", n=5)
+    (broken / "000099.jpg").write_bytes(b"this is not a jpeg")
+    (broken / "000098.png").write_bytes(b"")
+    s = load_images(broken, 8, progress=False)
+    assert len(s.names) == 5 and sorted(n for n, _ in s.skipped) == ["000098.png", "000099.jpg"]
+    mixed = make_faces(tmp_path / "mixed", n=3)
+    make_faces(tmp_path / "mixed_big", n=1, size=(356, 436))
+    (tmp_path / "mixed_big" / "000001.jpg").rename(mixed / "000010.jpg")
+    with pytest.raises(DataError, match="mixed sizes: 178x218 .*356x436"):
+        load_images(mixed, 8, progress=False)
+    assert load_images(mixed, 8, framing="center", progress=False).images.shape[0] == 4
+    # a tar of images works like a folder
+    with tarfile.open(tmp_path / "faces.tar", "w") as tf:
+        for p in sorted(few.iterdir()):
+            tf.add(p, arcname=p.name)
+    assert load_images(tmp_path / "faces.tar", 8, progress=False).names == ["000001.jpg", "000002.jpg", "000003.jpg"]
+
+
+def test_cli_reports_bad_data_without_a_traceback(tmp_path):
+    few = make_faces(tmp_path / "few", n=3)
+    r = subprocess.run([sys.executable, "-m", "train", "--data", str(few), "--preset", "tiny", "--out",
+                        str(tmp_path / "run"), "--batch-size", "8"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and f"error: {few}: 3 readable images, at least 8 needed" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "train", "--data", str(few), "--out", str(tmp_path / "none"),
+                        "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "ckpt.pt does not exist" in r.stderr
