@@ -14,6 +14,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="global batch (split across processes)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="after warm-up: constant, or cosine decay to 0 at --steps")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.9999)
@@ -98,7 +101,12 @@ class ShardedOrder:
 
 
 def lr_at(step: int, a) -> float:
-    return a.lr * min(1.0, (step + 1) / a.warmup) if a.warmup > 0 else a.lr
+    if a.warmup > 0 and step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    if a.lr_schedule == "cosine":
+        progress = (step - a.warmup) / max(1, a.steps - a.warmup)
+        return a.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return a.lr
 
 
 @torch.no_grad()

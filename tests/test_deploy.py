@@ -1,0 +1,41 @@
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_dockerfile_runs_the_install_script_and_is_production_shaped():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime$", text, re.M)  # pinned tag
+    assert "RUN sh deploy/install.sh /app" in text
+    assert re.search(r"^USER \d+$", text, re.M) and "EXPOSE 8000" in text and "HEALTHCHECK" in text
+    assert '/healthz' in text and 'CMD ["python", "-m", "service"]' in text
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv*", "runs", "data", ".git"} <= set(ignored)
+
+
+def test_install_steps_of_the_dockerfile_work_in_a_fresh_virtualenv(tmp_path):
+    """The Dockerfile's install step (deploy/install.sh) on a copy of the project, in a new venv whose torch
+    plays the part of the base image's."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv*", "runs", ".git", "__pycache__", "*.egg-info",
+                                                              ".pytest_cache", "build"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], capture_output=True, text=True,
+                       timeout=900)
+    if r.returncode != 0:
+        pytest.fail(f"installing torch==2.13.0 in a fresh venv failed:\n{r.stderr[-2000:]}")
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run(["sh", "deploy/install.sh", str(src)], cwd=src, capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "celeba-ddpm installed" in r.stdout
+    r = subprocess.run([str(py), "-m", "service", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and "CELEBA_DDPM_WEIGHTS" in r.stdout
