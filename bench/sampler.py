@@ -1,0 +1,103 @@
+"""Sampler benchmark: our engine vs diffusers' DDPMPipeline on the same U-Net weights, in one run.
+
+    python bench/sampler.py --weights weights/celeba32-cpu.safetensors --batch 1 4 --steps 1000 \
+        --out bench/results/sampler-cpu.md
+
+Both run the same maths (DDPM, sigma_t = sqrt(beta_t), no clipping: DDPMScheduler with variance_type
+"fixed_large", clip_sample False) on the same device and dtype; the U-Net is loaded into diffusers' UNet2DModel
+with model/diffusers_compat.py. Prints and writes a table of images/s, the ratio, FLOPs per image (counted with
+FlopCounterMode) and the achieved FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.diffusers_compat import to_diffusers  # noqa: E402
+from model.engine import SamplerEngine, generate, pick_device, pick_dtype  # noqa: E402
+from model.weights import load_weights  # noqa: E402
+
+
+def flops_per_image(unet, size: int, device, dtype) -> float:
+    x = torch.randn(1, 3, size, size, device=device, dtype=dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        unet(x, torch.tensor([500.0], device=device))
+    return float(fc.get_total_flops())
+
+
+def time_ours(w, device, dtype, batch: int, steps: int) -> float:
+    engine = SamplerEngine(w.unet, w.diffusion, device, dtype)
+    generate(engine, list(range(batch)), "ddpm", 3, batch)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    generate(engine, list(range(batch)), "ddpm", steps, batch)
+    return time.perf_counter() - t0
+
+
+def time_diffusers(w, device, dtype, batch: int, steps: int) -> float:
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    d = w.diffusion.config
+    sched = DDPMScheduler(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+                          beta_schedule="linear" if d.kind == "linear" else "squaredcos_cap_v2",
+                          variance_type="fixed_large", clip_sample=False)
+    pipe = DDPMPipeline(unet=to_diffusers(w.unet).to(device, dtype), scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pipe(batch_size=batch, num_inference_steps=3, generator=g, output_type="np")  # warm-up
+    t0 = time.perf_counter()
+    pipe(batch_size=batch, num_inference_steps=steps, generator=g, output_type="np")
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="weights/celeba32-cpu.safetensors")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default=None, help="markdown file for the results")
+    a = p.parse_args(argv)
+    device = pick_device(a.device)
+    dtype = pick_dtype(a.dtype, device)
+    w = load_weights(a.weights)
+    flops = flops_per_image(w.unet.to(device, dtype), w.unet.config.image_size, device, dtype)
+    rows = []
+    for b in a.batch:
+        ours = time_ours(w, device, dtype, b, a.steps)
+        theirs = time_diffusers(w, device, dtype, b, a.steps)
+        ips_o, ips_d = b / ours, b / theirs
+        rows.append(f"| {b} | {ours:.2f} | {ips_o:.3f} | {theirs:.2f} | {ips_d:.3f} | {ips_o / ips_d:.2f}x | "
+                    f"{flops * a.steps * b / ours / 1e9:.1f} |")
+        print(rows[-1], flush=True)
+    header = [
+        f"# Sampler: ours vs diffusers DDPMPipeline ({w.name}, {a.steps} ddpm steps)", "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()} {torch.get_num_threads()} threads"
+        f" ({platform.processor() or 'cpu'}), device {device}, dtype {str(dtype).split('.')[-1]}, torch "
+        f"{torch.__version__}",
+        f"- command: `python bench/sampler.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- U-Net FLOPs per image per step: {flops / 1e9:.3f} GFLOP (FlopCounterMode)", "",
+        "| batch | ours s | ours img/s | diffusers s | diffusers img/s | ratio | ours GFLOP/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    text = "\n".join(header + rows) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

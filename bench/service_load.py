@@ -1,0 +1,155 @@
+"""Service benchmark on loopback: request latency, and a bounded load test with N concurrent clients.
+
+    # seconds for {"n": 1} and {"n": 4} at 1000 ddpm steps through the running service
+    python bench/service_load.py latency --weights weights/celeba32-cpu.safetensors --out bench/results/service-latency-cpu.md
+    # throughput and p50/p99 latency, continuous batching (max batch 16) vs none (max batch 1), in one run
+    python bench/service_load.py load --clients 1 4 16 --duration 60 --max-batch 16 1 \
+        --body '{"n": 1, "sampler": "ddim", "steps": 50}' --out bench/results/service-load-cpu.md
+
+Each configuration starts `python -m service` on a free loopback port, waits for /readyz, and stops it
+afterwards. Clients send requests back to back until the duration is over; every accepted request must come
+back with its images (checked), and the run fails loudly otherwise. Traffic only goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def service(weights: str, max_batch: int, extra: list[str] | None = None):
+    port = _port()
+    proc = subprocess.Popen([sys.executable, "-m", "service", "--weights", weights, "--port", str(port), "--host",
+                             "127.0.0.1", "--max-batch", str(max_batch), "--queue-size", "1024",
+                             "--log-level", "warning", *(extra or [])], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() - t0 > 120:
+                raise RuntimeError("service did not start")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def header(title: str, argv) -> list[str]:
+    return [f"# {title}", "",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+            f"python {platform.python_version()}",
+            f"- command: `python bench/service_load.py {' '.join(argv)}`", ""]
+
+
+def latency(a, argv) -> str:
+    rows = []
+    with service(a.weights, a.max_batch[0]) as url:
+        for n in a.n:
+            for r in range(a.repeat):
+                t0 = time.perf_counter()
+                resp = httpx.post(url + "/generate", json={"n": n, "seed": r}, timeout=3600)
+                dt = time.perf_counter() - t0
+                assert resp.status_code == 200 and len(resp.json()["images"]) == n, resp.text[:200]
+                t = resp.json()["timings"]
+                rows.append(f"| {n} | 1000 (ddpm) | {dt:.2f} | {t['queue_s']:.3f} | {t['generate_s']:.2f} |")
+                print(rows[-1], flush=True)
+    return "\n".join(header("Service latency, 1000-step ddpm requests, one at a time", argv) + [
+        "| n | steps | end-to-end s | queue s | generate s |", "| --- | --- | --- | --- | --- |"] + rows) + "\n"
+
+
+def load(a, argv) -> str:
+    body = json.loads(a.body)
+    rows = []
+    for max_batch in a.max_batch:
+        with service(a.weights, max_batch) as url:
+            for clients in a.clients:
+                lat, errors, images = [], [], 0
+                lock = threading.Lock()
+                end = time.monotonic() + a.duration
+
+                def client(i):
+                    nonlocal images
+                    k = 0
+                    with httpx.Client(timeout=3600) as c:
+                        while time.monotonic() < end:
+                            t0 = time.perf_counter()
+                            r = c.post(url + "/generate", json={**body, "seed": 1000 * i + k})
+                            dt = time.perf_counter() - t0
+                            k += 1
+                            with lock:
+                                if r.status_code == 200 and len(r.json()["images"]) == body.get("n", 1):
+                                    lat.append(dt)
+                                    images += body.get("n", 1)
+                                else:
+                                    errors.append(r.status_code)
+
+                t_start = time.perf_counter()
+                threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t_start
+                if errors:
+                    raise SystemExit(f"{len(errors)} requests failed: {sorted(set(errors))}")
+                p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
+                rows.append(f"| {max_batch} | {clients} | {len(lat)} | {images / wall:.2f} | {p50:.2f} | {p99:.2f} |")
+                print(rows[-1], flush=True)
+    return "\n".join(header(f"Service load: {json.dumps(body)} for {a.duration:.0f} s per row", argv) + [
+        "Every accepted request came back with its images (checked); no request failed.", "",
+        "| max batch | clients | requests | images/s | p50 s | p99 s |", "| --- | --- | --- | --- | --- | --- |"]
+        + rows) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = argv if argv is not None else sys.argv[1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["latency", "load"])
+    p.add_argument("--weights", default=str(ROOT / "weights" / "celeba32-cpu.safetensors"))
+    p.add_argument("--n", type=int, nargs="+", default=[1, 4], help="latency: images per request")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--max-batch", type=int, nargs="+", default=[16])
+    p.add_argument("--body", default='{"n": 1, "sampler": "ddim", "steps": 50}')
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    text = latency(a, argv) if a.mode == "latency" else load(a, argv)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
