@@ -25,6 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, proc=None, timeout: float = 60) -> None:
+    """Poll /readyz until it answers 200; fail if `proc` (a Popen) exits first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+            raise RuntimeError(f"service at {url} did not become ready")
+        time.sleep(0.05)
+
+
 @contextmanager
 def running(settings: Settings, weights=None, app_hook=None):
     """Yield (base_url, app) of a served app; stop it afterwards."""
@@ -34,16 +48,7 @@ def running(settings: Settings, weights=None, app_hook=None):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    else:
-        raise RuntimeError("service did not become ready")
+    wait_ready(url)
     if app_hook:
         app_hook(app)
     try:

@@ -20,7 +20,7 @@ from model.weights import file_sha256, load_weights
 from service.settings import Settings
 
 from conftest import ROOT
-from service_helpers import decode_png, free_port, metric, running
+from service_helpers import decode_png, free_port, metric, running, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -286,15 +286,7 @@ def test_start_up_with_a_bad_weights_file_fails_clearly(tmp_path):
 def test_sigterm_stops_admission_and_finishes_in_flight_work(tiny_weights):
     proc, url = _start_service(["--weights", str(tiny_weights), "--shutdown-grace-s", "60"])
     try:
-        t0 = time.monotonic()
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() - t0 < 60 and proc.poll() is None
-            time.sleep(0.1)
+        wait_ready(url, proc)
         with ThreadPoolExecutor(1) as ex:
             inflight = ex.submit(post, url, {"n": 2, "seed": 1, "steps": 1000})
             while metric(url, "celeba_ddpm_active_samples") < 2:
