@@ -214,7 +214,7 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
         try:
             future = asyncio.wrap_future(rt.scheduler.submit(job))
         except GenerationError as e:
-            rt.metrics.rejected.labels("queue_full" if "queue" in e.message else "shutting_down").inc()
+            rt.metrics.rejected.labels(e.reason).inc()
             raise
         images = await _wait_or_disconnect(request, rt, job, future)
         png_accept = "image/png" in request.headers.get("accept", "")

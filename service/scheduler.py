@@ -30,9 +30,9 @@ log = logging.getLogger("celeba_ddpm.scheduler")
 class GenerationError(Exception):
     """A request that could not be served; `status` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None):
+    def __init__(self, status: int, message: str, retry_after: int | None = None, reason: str = "error"):
         super().__init__(message)
-        self.status, self.message, self.retry_after = status, message, retry_after
+        self.status, self.message, self.retry_after, self.reason = status, message, retry_after, reason
 
 
 @dataclass
@@ -75,10 +75,10 @@ class Scheduler:
     def submit(self, job: Job) -> concurrent.futures.Future:
         with self._cond:
             if self.draining:
-                raise GenerationError(503, "the service is shutting down", retry_after=5)
+                raise GenerationError(503, "the service is shutting down", retry_after=5, reason="shutting_down")
             if len(self._pending) >= self.queue_size:
                 raise GenerationError(503, f"queue full ({self.queue_size} requests waiting); retry later",
-                                      retry_after=max(1, int(self.estimate_wait_s())))
+                                      retry_after=max(1, int(self.estimate_wait_s())), reason="queue_full")
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()

@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     meta = {"command": command, "data": str(a.data), "range": a.range_, "images": len(data.names),
             "preset": a.preset, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
             "world_size": world, "device": str(device)}
+    previous = json.loads(resumed["meta"]) if resumed is not None else {}
+    # every command that contributed to these weights, with the step it started from
+    meta["history"] = previous.get("history", []) + [{"command": command, "from_step": start_step}]
     tb = None
     if is_main:
         try:
