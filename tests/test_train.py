@@ -187,3 +187,15 @@ def test_cli_reports_bad_data_without_a_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "train", "--data", str(few), "--out", str(tmp_path / "none"),
                         "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "ckpt.pt does not exist" in r.stderr
+
+
+def test_compile_flag_trains_the_same_model(tmp_path):
+    """--compile (torch.compile, inductor on CPU: about two minutes of compiling here) takes the same steps."""
+    data = make_faces(tmp_path / "faces", n=16)
+    common = ["--data", str(data), "--preset", "tiny", "--steps", "3", "--batch-size", "8", "--log-every", "1",
+              "--sample-every", "1000"]
+    _train([*common, "--out", str(tmp_path / "eager")])
+    _train([*common, "--out", str(tmp_path / "compiled"), "--compile"])
+    a, b = load_checkpoint(tmp_path / "eager" / "ckpt.pt"), load_checkpoint(tmp_path / "compiled" / "ckpt.pt")
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
