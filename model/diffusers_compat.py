@@ -66,13 +66,16 @@ def key_map(cfg: UNetConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str
     return plain, attns
 
 
+def _rename(state: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Weights and biases of each (source prefix, destination prefix) pair present in `state`, renamed."""
+    return {f"{dst}.{suffix}": state[f"{src}.{suffix}"]
+            for src, dst in pairs for suffix in ("weight", "bias") if f"{src}.{suffix}" in state}
+
+
 def ours_to_diffusers_state(unet: UNet) -> dict[str, torch.Tensor]:
-    sd, out = unet.state_dict(), {}
+    sd = unet.state_dict()
     plain, attns = key_map(unet.config)
-    for a, b in plain:
-        for suffix in ("weight", "bias"):
-            if f"{a}.{suffix}" in sd:
-                out[f"{b}.{suffix}"] = sd[f"{a}.{suffix}"]
+    out = _rename(sd, plain)
     for a, b in attns:
         if f"{a}.qkv.weight" not in sd:
             continue  # no attention at this resolution
@@ -88,12 +91,8 @@ def ours_to_diffusers_state(unet: UNet) -> dict[str, torch.Tensor]:
 
 
 def diffusers_to_ours_state(state: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
-    out = {}
     plain, attns = key_map(cfg)
-    for a, b in plain:
-        for suffix in ("weight", "bias"):
-            if f"{b}.{suffix}" in state:
-                out[f"{a}.{suffix}"] = state[f"{b}.{suffix}"]
+    out = _rename(state, [(b, a) for a, b in plain])
     for a, b in attns:
         if f"{b}.to_q.weight" not in state:
             continue
@@ -110,8 +109,7 @@ def to_diffusers(unet: UNet):
     from diffusers import UNet2DModel
 
     model = UNet2DModel(**diffusers_config(unet.config))
-    missing, unexpected = model.load_state_dict(ours_to_diffusers_state(unet), strict=True), None
-    del missing, unexpected
+    model.load_state_dict(ours_to_diffusers_state(unet), strict=True)
     return model.eval()
 
 
@@ -126,7 +124,7 @@ def config_from_diffusers(d: dict) -> UNetConfig:
     base = chans[0]
     size = d["sample_size"] if isinstance(d["sample_size"], int) else d["sample_size"][0]
     attn_res = tuple(size // 2**i for i, t in enumerate(d["down_block_types"]) if t == "AttnDownBlock2D")
-    for i, t in enumerate(d["down_block_types"]):
+    for t in d["down_block_types"]:
         if t not in ("AttnDownBlock2D", "DownBlock2D"):
             raise ValueError(f"unsupported diffusers down block {t!r}")
     if d.get("attention_head_dim") not in (None,) + tuple(chans):

@@ -197,17 +197,17 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
                                                            "(the image when n = 1, else a grid)"}, **ERRORS},
         dependencies=[Depends(require_api_key)], summary="Generate faces")
     async def generate(body: GenerateRequest, request: Request, rt: Runtime = Depends(runtime)):
+        def invalid(detail: str) -> JSONResponse:  # limits known only at run time; counted like schema errors
+            rt.metrics.rejected.labels("invalid").inc()
+            return JSONResponse({"detail": detail}, status_code=422)
+
         if body.n > settings.max_n:
-            rt.metrics.rejected.labels("invalid").inc()
-            return JSONResponse({"detail": f"n: must be at most {settings.max_n}"}, status_code=422)
-        T = rt.weights.diffusion.T
-        if body.steps > T:
-            rt.metrics.rejected.labels("invalid").inc()
-            return JSONResponse({"detail": f"steps: must be at most {T}"}, status_code=422)
+            return invalid(f"n: must be at most {settings.max_n}")
+        if body.steps > rt.weights.diffusion.T:
+            return invalid(f"steps: must be at most {rt.weights.diffusion.T}")
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - settings.max_n)
         if seed + body.n - 1 > MAX_SEED:
-            rt.metrics.rejected.labels("invalid").inc()
-            return JSONResponse({"detail": f"seed: seed + n - 1 must be at most {MAX_SEED}"}, status_code=422)
+            return invalid(f"seed: seed + n - 1 must be at most {MAX_SEED}")
         timeout = body.deadline_s or settings.request_timeout_s
         job = Job(seed, body.n, body.sampler, body.steps,
                   deadline=time.monotonic() + timeout if timeout else None)
