@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.diffusers_compat import to_diffusers  # noqa: E402
+from model.diffusers_compat import diffusers_scheduler, to_diffusers  # noqa: E402
 from model.engine import SamplerEngine, generate, pick_device, pick_dtype  # noqa: E402
 from model.weights import load_weights  # noqa: E402
 
@@ -45,12 +45,9 @@ def time_ours(w, device, dtype, batch: int, steps: int) -> float:
 
 
 def time_diffusers(w, device, dtype, batch: int, steps: int) -> float:
-    from diffusers import DDPMPipeline, DDPMScheduler
+    from diffusers import DDPMPipeline
 
-    d = w.diffusion.config
-    sched = DDPMScheduler(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
-                          beta_schedule="linear" if d.kind == "linear" else "squaredcos_cap_v2",
-                          variance_type="fixed_large", clip_sample=False)
+    sched = diffusers_scheduler(w.diffusion.config)
     pipe = DDPMPipeline(unet=to_diffusers(w.unet).to(device, dtype), scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator(device="cpu").manual_seed(0)

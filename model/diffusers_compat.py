@@ -113,6 +113,20 @@ def to_diffusers(unet: UNet):
     return model.eval()
 
 
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}  # ours -> diffusers' prediction_type
+
+
+def diffusers_scheduler(schedule: ScheduleConfig):
+    """diffusers' DDPMScheduler running our default sampler: sigma_t = sqrt(beta_t), no clipping."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=schedule.num_timesteps, beta_start=schedule.beta_start,
+                         beta_end=schedule.beta_end,
+                         beta_schedule="linear" if schedule.kind == "linear" else "squaredcos_cap_v2",
+                         variance_type="fixed_large", clip_sample=False,
+                         prediction_type=PREDICTION_TYPES[schedule.prediction])
+
+
 def config_from_diffusers(d: dict) -> UNetConfig:
     """Our config for a diffusers UNet2DModel config, or ValueError naming what can't be mapped."""
     need = {"freq_shift": 1, "flip_sin_to_cos": False, "downsample_padding": 0, "time_embedding_type": "positional",
@@ -156,8 +170,13 @@ def from_diffusers_folder(path: str | Path) -> tuple[UNet, ScheduleConfig]:
         kind = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(s.get("beta_schedule", "linear"))
         if kind is None:
             raise ValueError(f"{sched_file}: unsupported beta_schedule {s.get('beta_schedule')!r}")
+        prediction = {v: k for k, v in PREDICTION_TYPES.items()}.get(s.get("prediction_type", "epsilon"))
+        if prediction is None:
+            raise ValueError(f"{sched_file}: unsupported prediction_type {s.get('prediction_type')!r} "
+                             f"(expected {' or '.join(PREDICTION_TYPES.values())})")
         sched = ScheduleConfig(kind=kind, num_timesteps=s.get("num_train_timesteps", 1000),
-                               beta_start=s.get("beta_start", 1e-4), beta_end=s.get("beta_end", 0.02))
+                               beta_start=s.get("beta_start", 1e-4), beta_end=s.get("beta_end", 0.02),
+                               prediction=prediction)
     return unet.eval(), sched
 
 

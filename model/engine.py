@@ -165,13 +165,13 @@ class SamplerEngine:
         t = coef[:, 0]
         a, b, c, d, e, f = (coef[:, i].view(-1, 1, 1, 1) for i in range(1, 7))
         x_in = self.x.to(self.dtype).contiguous(memory_format=self.memory_format)
-        eps = self.unet(x_in, t).float()
-        x_new = a * self.x + b * eps
+        out = self.unet(x_in, t).float()  # eps or v: the table folds in the conversion (model/diffusion.py)
+        x_new = a * self.x + b * out
         if self._stochastic:
             x_new += c * self._noise()
         if self._multistep:
             x_new += d * self.x0_prev
-            self.x0_prev = e * self.x + f * eps
+            self.x0_prev = e * self.x + f * out
         self.x = x_new
         self.pos += 1
         finished = []

@@ -42,3 +42,39 @@ def test_diffusers_folder_round_trip(tmp_path):
     (pipe_dir / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(ValueError, match="only safetensors"):
         from_diffusers_folder(pipe_dir)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_diffusers_scheduler_agrees_with_our_tables(prediction):
+    """diffusers' DDPMScheduler (with prediction_type from our schedule) makes the same x0 estimate at every t
+    and the same final step as our coefficient tables, for eps- and v-networks alike."""
+    from model.diffusers_compat import diffusers_scheduler
+    from model.diffusion import Diffusion, ScheduleConfig
+
+    d = Diffusion(ScheduleConfig(prediction=prediction))
+    sched = diffusers_scheduler(d.config)
+    sched.set_timesteps(1000)
+    table = d.coefficients("ddpm", 1000)
+    torch.manual_seed(0)
+    x, out = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for k in (0, 500, 900, 999):  # table row k is t = 999 - k
+        t = int(table[k, 0])
+        step = sched.step(out, t, x, generator=torch.Generator().manual_seed(0))
+        e, f = float(table[k, 5]), float(table[k, 6])
+        assert torch.allclose(step.pred_original_sample, e * x + f * out, rtol=1e-5, atol=1e-4), t  # float32 alphas
+        if t == 0:  # no noise at the last step: the whole update must agree
+            a, b = float(table[k, 1]), float(table[k, 2])
+            assert torch.allclose(step.prev_sample, a * x + b * out, rtol=1e-5, atol=1e-4)
+
+
+def test_diffusers_prediction_type_is_read_and_checked(tmp_path):
+    torch.manual_seed(1)
+    pipe_dir = tmp_path / "ddpm-v"
+    to_diffusers(UNet(PRESETS["tiny"]).eval()).save_pretrained(pipe_dir / "unet", safe_serialization=True)
+    (pipe_dir / "scheduler").mkdir()
+    cfg = pipe_dir / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({"beta_schedule": "linear", "prediction_type": "v_prediction"}))
+    assert from_diffusers_folder(pipe_dir)[1].prediction == "v"
+    cfg.write_text(json.dumps({"beta_schedule": "linear", "prediction_type": "sample"}))
+    with pytest.raises(ValueError, match="unsupported prediction_type 'sample'"):
+        from_diffusers_folder(pipe_dir)

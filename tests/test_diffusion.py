@@ -238,3 +238,73 @@ def test_steps_and_sampler_validation():
     for steps in (2, 10, 50, 500, 1000):
         ts = d.timesteps(steps, "logsnr")
         assert len(ts) == steps and ts[0] == 999 and ts[-1] == 0 and (ts[:-1] > ts[1:]).all()
+
+
+class VFromEps(nn.Module):
+    """The v-network equivalent to an eps-network: v = (eps - sigma_t x) / alpha_t (computed in float64)."""
+
+    def __init__(self, diffusion: Diffusion, eps_model: nn.Module):
+        super().__init__()
+        self.config, self.eps_model, self.ab = eps_model.config, eps_model, diffusion.alphas_cumprod
+
+    def forward(self, x, t):
+        ab = self.ab[t.long()].view(-1, 1, 1, 1)
+        return ((self.eps_model(x, t).double() - (1 - ab).sqrt() * x.double()) / ab.sqrt()).float()
+
+
+class NoMeanOutput(nn.Module):
+    """A network that cannot output a per-image, per-channel mean (what a small eps-network does at high noise)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.config, self.model = model.config, model
+
+    def forward(self, x, t):
+        out = self.model(x, t)
+        return out - out.mean(dim=(2, 3), keepdim=True)
+
+
+def test_v_prediction_schedule_validation_and_old_files():
+    assert ScheduleConfig.from_dict({"kind": "linear", "num_timesteps": 1000, "beta_start": 1e-4,
+                                     "beta_end": 0.02}).prediction == "eps"  # files from before "v" existed
+    assert ScheduleConfig.from_dict(ScheduleConfig(prediction="v").to_dict()).prediction == "v"
+    with pytest.raises(ValueError, match="unknown prediction"):
+        ScheduleConfig(prediction="x0")
+
+
+def test_v_training_loss_is_mse_of_the_implied_eps():
+    d = Diffusion(ScheduleConfig(prediction="v"))
+    model = AffineEps()
+    x0, eps = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    t = torch.tensor([0, 10, 500, 998, 999])
+    sa = d.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1).float()
+    s1a = (1 - d.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1).float()
+    x_t = sa * x0 + s1a * eps
+    expected = ((s1a * x_t + sa * model(x_t, t) - eps) ** 2).mean()
+    assert d.training_loss(model, x0, t, eps).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddim", 20), ("dpm-solver++", 20)])
+def test_v_network_samples_the_same_images_as_its_eps_network(sampler, steps):
+    """Folding eps = sigma_t x + alpha_t v into the coefficient tables changes nothing but the parameterisation."""
+    eps_d, v_d = Diffusion(), Diffusion(ScheduleConfig(prediction="v"))
+    eps_model = ExactEps(eps_d, torch.linspace(-0.5, 0.5, 48).view(1, 3, 4, 4), 0.3)
+    _, a = _final_state(eps_d, eps_model, sampler, steps, range(4))
+    _, b = _final_state(v_d, VFromEps(v_d, eps_model), sampler, steps, range(4))
+    assert torch.allclose(a, b, atol=1e-3), (a - b).abs().max()
+
+
+def test_v_prediction_keeps_the_mean_colour_a_network_cannot_copy():
+    """Why the shipped model predicts v: take the exact model for N(mu, 0.3^2) data and remove the per-image
+    mean of its output. As an eps-network the unclipped 1000-step DDPM loop then inflates each image's mean
+    (by ~e^5); as a v-network the sigma_t x_t term carries the mean at high noise and samples stay in range."""
+    eps_d, v_d = Diffusion(), Diffusion(ScheduleConfig(prediction="v"))
+    mu = torch.linspace(-0.5, 0.5, 48).view(1, 3, 4, 4)
+    eps_model = ExactEps(eps_d, mu, 0.3)
+    _, exact = _final_state(eps_d, eps_model, "ddpm", 1000, range(16))
+    _, eps_broken = _final_state(eps_d, NoMeanOutput(eps_model), "ddpm", 1000, range(16))
+    _, v_broken = _final_state(v_d, NoMeanOutput(VFromEps(v_d, eps_model)), "ddpm", 1000, range(16))
+    spread = lambda x: x.mean(dim=(2, 3)).abs().max().item()  # noqa: E731 - largest per-image channel mean
+    assert spread(exact) < 1.0
+    assert spread(eps_broken) > 10 * spread(exact)
+    assert spread(v_broken) < 1.5 * spread(exact) + 0.1

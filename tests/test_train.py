@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.diffusion import Diffusion
+from model.diffusion import Diffusion, ScheduleConfig
 from model.engine import SamplerEngine, generate
 from model.unet import PRESETS, UNet
 from model.weights import load_weights
@@ -36,8 +36,8 @@ def make_faces(folder, n=48, size=(178, 218), seed=0):
     return folder
 
 
-def fixed_loss(unet, images):
-    d = Diffusion()
+def fixed_loss(unet, images, d=None):
+    d = d or Diffusion()
     g = torch.Generator().manual_seed(0)
     x0 = images.float() / 127.5 - 1
     t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
@@ -56,12 +56,14 @@ def test_training_lowers_the_loss_and_exports(tmp_path):
     _train(["--data", str(data), "--preset", "tiny", "--out", str(out), "--steps", "80", "--batch-size", "16",
             "--lr", "2e-3", "--warmup", "5", "--log-every", "10", "--sample-every", "80", "--sample-steps", "5"])
     images = load_images(data, 8, progress=False).images
-    torch.manual_seed(0)
-    before = fixed_loss(UNet(PRESETS["tiny"]), images)
     state = load_checkpoint(out / "ckpt.pt")
+    d = Diffusion(ScheduleConfig.from_dict(json.loads(state["schedule"])))
+    assert d.config.prediction == "v"  # the default
+    torch.manual_seed(0)
+    before = fixed_loss(UNet(PRESETS["tiny"]), images, d)
     trained = UNet(PRESETS["tiny"])
     trained.load_state_dict(state["model"])
-    after = fixed_loss(trained, images)
+    after = fixed_loss(trained, images, d)
     assert after < 0.6 * before, (before, after)
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == list(range(10, 81, 10)) and logs[-1]["loss"] < logs[0]["loss"]
@@ -83,6 +85,29 @@ def test_training_lowers_the_loss_and_exports(tmp_path):
     r = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "nothing"), "--out", "x.safetensors"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nothing/ckpt.pt" in r.stderr
+
+
+def test_init_starts_from_exported_weights_and_records_them(tmp_path):
+    data = make_faces(tmp_path / "faces", n=40)
+    common = ["--data", str(data), "--preset", "tiny", "--batch-size", "8", "--sample-every", "1000"]
+    _train([*common, "--out", str(tmp_path / "first"), "--steps", "15", "--prediction", "eps"])
+    first = tmp_path / "first.safetensors"
+    from train.export import main as export_main
+    assert export_main([str(tmp_path / "first"), "--out", str(first)]) == 0
+    # lr 0: the weights cannot move, so the second run's export must be the first one's weights exactly
+    _train([*common, "--out", str(tmp_path / "second"), "--steps", "3", "--init", str(first), "--lr", "0",
+            "--prediction", "v"])
+    second = tmp_path / "second.safetensors"
+    assert export_main([str(tmp_path / "second"), "--out", str(second)]) == 0
+    a, b = load_weights(first), load_weights(second)
+    for k, v in a.unet.state_dict().items():
+        assert torch.equal(b.unet.state_dict()[k], v), k
+    assert b.metadata["training_steps"] == "18" and b.diffusion.config.prediction == "v"
+    training = json.loads(b.metadata["training"])
+    assert training["init"]["sha256"] == a.sha256 and training["init"]["training_steps"] == 15
+    assert [h["command"].count("--init") for h in training["history"]] == [0, 1]
+    with pytest.raises(SystemExit, match="--init: .*nothing.safetensors"):
+        train_main([*common, "--out", str(tmp_path / "third"), "--init", str(tmp_path / "nothing.safetensors")])
 
 
 def test_resume_is_exact(tmp_path):

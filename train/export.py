@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     unet.load_state_dict(state["ema"])
     dataset = a.dataset or f"CelebA img_align_celeba ({meta.get('data')}, images {meta.get('range') or 'all'})"
     save_weights(a.out, unet, ScheduleConfig.from_dict(json.loads(state["schedule"])),
-                 name=a.name or Path(a.out).stem, dataset=dataset, training_steps=int(state["step"]),
+                 name=a.name or Path(a.out).stem, dataset=dataset,
+                 training_steps=int(state["step"]) + int(meta.get("init", {}).get("training_steps", 0)),
                  training={**meta, "ema": True}, dtype=torch.float16 if a.dtype == "fp16" else torch.float32)
     print(f"wrote {a.out}: EMA weights at step {int(state['step'])} ({a.dtype})")
     return 0

@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model.diffusion import SAMPLERS, Diffusion, ScheduleConfig
+from model.diffusion import PREDICTIONS, SAMPLERS, Diffusion, ScheduleConfig
 from model.engine import SamplerEngine, generate, pick_device
 from model.images import grid, png_bytes
 from model.unet import PRESETS, UNet, UNetConfig
+from model.weights import WeightsError, load_weights
 
 from .data import DataError, load_images, to_model_range
 
@@ -42,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="cpu32", choices=sorted(PRESETS))
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    p.add_argument("--prediction", default="v", choices=list(PREDICTIONS),
+                   help="network output: v (default; learns high-noise steps reliably) or eps (Ho et al.); "
+                        "both are sampled as eps predictors, see model/diffusion.py")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="start from these .safetensors weights (architecture included) instead of random ones")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--steps", type=int, default=10000, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=64, help="global batch (split across processes)")
@@ -151,8 +157,16 @@ def main(argv=None) -> int:
     cfg = PRESETS[a.preset]
     if a.dropout is not None:
         cfg = UNetConfig.from_dict({**cfg.to_dict(), "dropout": a.dropout})
-    schedule = ScheduleConfig(kind=a.schedule)
-    start_step, resumed = 0, None
+    schedule = ScheduleConfig(kind=a.schedule, prediction=a.prediction)
+    start_step, resumed, init = 0, None, None
+    if a.init and not a.resume:
+        try:
+            init = load_weights(a.init)
+        except WeightsError as e:
+            raise SystemExit(f"error: --init: {e}")
+        cfg = init.unet.config
+        if a.dropout is not None:
+            cfg = UNetConfig.from_dict({**cfg.to_dict(), "dropout": a.dropout})
     if a.resume:
         if not ckpt_path.is_file():
             raise SystemExit(f"error: --resume: {ckpt_path} does not exist")
@@ -177,6 +191,9 @@ def main(argv=None) -> int:
     model = UNet(cfg).to(device).to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).float().eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), weight_decay=a.weight_decay)
+    if init is not None:
+        model.load_state_dict(init.unet.state_dict())
+        ema.load_state_dict(init.unet.state_dict())
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         ema.load_state_dict(resumed["ema"])
@@ -195,6 +212,13 @@ def main(argv=None) -> int:
             "preset": a.preset, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
             "world_size": world, "device": str(device)}
     previous = json.loads(resumed["meta"]) if resumed is not None else {}
+    if init is not None:  # the weights we start from, and the commands that made them
+        before = json.loads(init.metadata.get("training", "{}"))
+        previous = {"init": {"path": str(a.init), "sha256": init.sha256, "schedule": init.metadata["schedule"],
+                             "training_steps": int(init.metadata["training_steps"])},
+                    "history": before.get("history", [])}
+    if "init" in previous:
+        meta["init"] = previous["init"]
     # every command that contributed to these weights, with the step it started from
     meta["history"] = previous.get("history", []) + [{"command": command, "from_step": start_step}]
     tb = None
