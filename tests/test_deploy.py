@@ -1,3 +1,4 @@
+import json
 import re
 import shutil
 import subprocess
@@ -39,3 +40,34 @@ def test_install_steps_of_the_dockerfile_work_in_a_fresh_virtualenv(tmp_path):
     r = subprocess.run([str(py), "-m", "service", "--help"], cwd=tmp_path, capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 0 and "CELEBA_DDPM_WEIGHTS" in r.stdout
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "celeba-ddpm.json").read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def test_grafana_dashboard_queries_only_metrics_the_service_exports():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import Metrics
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""], "info": ["_info"]}
+    exported = {f.name + s for f in text_string_to_metric_families(generate_latest(Metrics().registry).decode())
+                for s in suffixes[f.type]}
+    used = {m for e in _dashboard_exprs() for m in re.findall(r"\bceleba_ddpm_\w+", e)}
+    assert used and used <= exported, used - exported
+    # the dashboard's panels cover throughput, latency, errors and saturation
+    assert {"celeba_ddpm_images_generated_total", "celeba_ddpm_http_request_duration_seconds_bucket",
+            "celeba_ddpm_rejected_requests_total", "celeba_ddpm_queue_depth_requests"} <= used
+
+
+def test_compose_provisions_grafana_with_the_dashboard():
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert re.search(r"image: grafana/grafana:\d+\.\d+\.\d+", compose)
+    assert "./deploy/grafana/dashboards:/etc/grafana/dashboards:ro" in compose
+    provider = (ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "celeba-ddpm.yml").read_text()
+    assert "path: /etc/grafana/dashboards" in provider
+    source = (ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    assert "url: http://prometheus:9090" in source and "uid: prometheus" in source
