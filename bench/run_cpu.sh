@@ -2,11 +2,12 @@
 # Every CPU measurement behind the README's figures, in one run on a quiet machine (about 20 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_WAIT_POLICY=PASSIVE
+export OMP_WAIT_POLICY=PASSIVE  # bench/thread_policy.py unsets it for its own runs
 W=weights/celeba32-cpu.safetensors
 DATA=../shared/data/celeba/img_align_celeba_89x109_000001-009000.tar
 python -m model.sample --weights $W --n 16 --seed 0 --out runs/samples-ddpm1000 && cp runs/samples-ddpm1000/grid.png docs/samples.png
 python bench/cpu_preset.py --out bench/results/cpu-preset.md
+python bench/thread_policy.py --out bench/results/thread-policy-cpu.md
 python bench/sampler.py --weights $W --batch 1 4 --steps 1000 --out bench/results/sampler-cpu.md
 python bench/service_load.py latency --weights $W --n 1 4 --out bench/results/service-latency-cpu.md
 python bench/service_load.py load --weights $W --clients 1 4 16 --duration 20 --max-batch 16 1 \
