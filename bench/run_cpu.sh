@@ -8,9 +8,9 @@ DATA=../shared/data/celeba/img_align_celeba_89x109_000001-009000.tar
 python -m model.sample --weights $W --n 16 --seed 0 --out runs/samples-ddpm1000 && cp runs/samples-ddpm1000/grid.png docs/samples.png
 python bench/cpu_preset.py --out bench/results/cpu-preset.md
 python bench/thread_policy.py --out bench/results/thread-policy-cpu.md
-python bench/sampler.py --weights $W --batch 1 4 --steps 1000 --out bench/results/sampler-cpu.md
+python bench/sampler.py --weights $W --batch 1 4 16 64 --steps 1000 1000 100 50 --out bench/results/sampler-cpu.md
 python bench/service_load.py latency --weights $W --n 1 4 --out bench/results/service-latency-cpu.md
-python bench/service_load.py load --weights $W --clients 1 4 16 --duration 20 --max-batch 16 1 \
-    --body '{"n": 1, "sampler": "ddim", "steps": 50}' --out bench/results/service-load-cpu.md
+python bench/service_load.py load --weights $W --clients 1 4 16 64 --duration 20 --max-batch 64 1 \
+    --body '{"n": 1, "sampler": "ddim", "steps": 20}' --out bench/results/service-load-cpu.md
 python -m train.evaluate --weights $W --data $DATA --range 8001-9000 --n 1000 --sampler dpm-solver++ --steps 50 \
     --batch-size 250 --out docs/eval-celeba32-cpu.json
