@@ -2,6 +2,7 @@
 
     # seconds for {"n": 1} and {"n": 4} at 1000 ddpm steps through the running service
     python bench/service_load.py latency --weights weights/celeba32-cpu.safetensors --out bench/results/service-latency-cpu.md
+    # (then the same weights in diffusers' DDPMPipeline at the same batch sizes, for comparison)
     # throughput and p50/p99 latency, continuous batching (max batch 16) vs none (max batch 1), in one run
     python bench/service_load.py load --clients 1 4 16 --duration 60 --max-batch 16 1 \
         --body '{"n": 1, "sampler": "ddim", "steps": 50}' --out bench/results/service-load-cpu.md
@@ -72,7 +73,9 @@ def header(title: str, argv) -> list[str]:
 
 
 def latency(a, argv) -> str:
-    rows = []
+    """1000-step ddpm requests one at a time through the service; then, with the service stopped, the same
+    weights in diffusers' DDPMPipeline (a plain diffusers deployment's compute) at the same batch sizes."""
+    measured = []
     with service(a.weights, a.max_batch[0]) as url:
         for n in a.n:
             for r in range(a.repeat):
@@ -80,11 +83,30 @@ def latency(a, argv) -> str:
                 resp = httpx.post(url + "/generate", json={"n": n, "seed": r}, timeout=3600)
                 dt = time.perf_counter() - t0
                 assert resp.status_code == 200 and len(resp.json()["images"]) == n, resp.text[:200]
-                t = resp.json()["timings"]
-                rows.append(f"| {n} | 1000 (ddpm) | {dt:.2f} | {t['queue_s']:.3f} | {t['generate_s']:.2f} |")
-                print(rows[-1], flush=True)
+                measured.append((n, dt, resp.json()["timings"]))
+                print(f"n={n}: {dt:.2f} s", flush=True)
+    theirs = {}
+    if a.diffusers:
+        import torch
+        from sampler import time_diffusers  # bench/sampler.py (this folder); it puts the project on sys.path
+
+        from model.weights import load_weights
+
+        torch.set_num_threads(a.threads or os.cpu_count())
+        w = load_weights(a.weights)
+        for n in a.n:
+            theirs[n] = time_diffusers(w, torch.device("cpu"), torch.float32, n, 1000)
+            print(f"diffusers n={n}: {theirs[n]:.2f} s", flush=True)
+    rows = []
+    for n, dt, t in measured:
+        d = f"{theirs[n]:.2f} | {theirs[n] / dt:.2f}x" if n in theirs else "- | -"
+        rows.append(f"| {n} | 1000 (ddpm) | {dt:.2f} | {t['queue_s']:.3f} | {t['generate_s']:.2f} | {d} |")
     return "\n".join(header("Service latency, 1000-step ddpm requests, one at a time", argv) + [
-        "| n | steps | end-to-end s | queue s | generate s |", "| --- | --- | --- | --- | --- |"] + rows) + "\n"
+        "diffusers: the same weights in diffusers' DDPMPipeline (UNet2DModel via model/diffusers_compat.py, "
+        "DDPMScheduler with the same schedule and prediction type, no clipping), same batch size, CPU fp32, "
+        "run after the service stopped; it returns arrays, so it has no HTTP or PNG work to do.", "",
+        "| n | steps | service end-to-end s | queue s | generate s | diffusers DDPMPipeline s | service speed-up |",
+        "| --- | --- | --- | --- | --- | --- | --- |"] + rows) + "\n"
 
 
 def load(a, argv) -> str:
@@ -138,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=str(ROOT / "weights" / "celeba32-cpu.safetensors"))
     p.add_argument("--n", type=int, nargs="+", default=[1, 4], help="latency: images per request")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--no-diffusers", dest="diffusers", action="store_false",
+                   help="latency: skip the diffusers DDPMPipeline comparison")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the diffusers run (default: all)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--max-batch", type=int, nargs="+", default=[16])
