@@ -117,3 +117,16 @@ def test_sample_cli_bad_weights_names_the_file(tmp_path):
     r = subprocess.run([sys.executable, "-m", "model.sample", "--weights", str(bad), "--out", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shipped_weights_describe_their_training_and_never_saw_the_validation_images():
+    from model.weights import DEFAULT_WEIGHTS
+
+    assert DEFAULT_WEIGHTS.stat().st_size < 20 * 2**20
+    w = load_weights(DEFAULT_WEIGHTS)
+    assert w.unet.config == PRESETS["cpu32"] and w.diffusion.config.prediction == "v"
+    training = json.loads(w.metadata["training"])
+    commands = [h["command"] for h in training["history"]]
+    assert len(commands) >= 2 and all("--range 1-8000" in c for c in commands)  # 8001-9000 are held out
+    assert training["ema"] is True and "--prediction v" in commands[-1] and "--init" in commands[-1]
+    assert int(w.metadata["training_steps"]) > training["init"]["training_steps"] > 0  # both stages counted
