@@ -154,19 +154,16 @@ def main(argv=None) -> int:
     out = Path(a.out)
     ckpt_path = out / "ckpt.pt"
 
-    cfg = PRESETS[a.preset]
-    if a.dropout is not None:
-        cfg = UNetConfig.from_dict({**cfg.to_dict(), "dropout": a.dropout})
-    schedule = ScheduleConfig(kind=a.schedule, prediction=a.prediction)
     start_step, resumed, init = 0, None, None
     if a.init and not a.resume:
         try:
             init = load_weights(a.init)
         except WeightsError as e:
             raise SystemExit(f"error: --init: {e}")
-        cfg = init.unet.config
-        if a.dropout is not None:
-            cfg = UNetConfig.from_dict({**cfg.to_dict(), "dropout": a.dropout})
+    cfg = init.unet.config if init is not None else PRESETS[a.preset]  # --init brings its architecture
+    if a.dropout is not None:
+        cfg = UNetConfig.from_dict({**cfg.to_dict(), "dropout": a.dropout})
+    schedule = ScheduleConfig(kind=a.schedule, prediction=a.prediction)
     if a.resume:
         if not ckpt_path.is_file():
             raise SystemExit(f"error: --resume: {ckpt_path} does not exist")
