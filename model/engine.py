@@ -1,9 +1,10 @@
 """The sampler engine: a batch of independent samples, each on its own trajectory, advanced one step per call.
 
 Each row of the batch has its own seed, sampler, step count and position. `step()` runs one U-Net forward for
-the whole batch and one vectorised update (see model/diffusion.py for the coefficient form). Rows can be added
-and removed between steps, which is what continuous batching in the service needs; `generate()` is the plain
-offline loop built on the same engine, so the CLI and the service produce the same pixels.
+the whole batch (through model/runner.py, which makes it fast on the device) and one vectorised update (see
+model/diffusion.py for the coefficient form). Rows can be added and removed between steps, which is what
+continuous batching in the service needs; `generate()` is the plain offline loop built on the same engine, so
+the CLI and the service produce the same pixels.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .diffusion import Diffusion
 from .noise import gaussian
+from .runner import ModelRunner
 from .unet import UNet
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,11 +66,13 @@ class _Row:
 
 class SamplerEngine:
     def __init__(self, unet: UNet, diffusion: Diffusion, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, channels_last: bool = True, noise_chunk_elems: int = 1 << 22):
+                 dtype: torch.dtype = torch.float32, channels_last: bool = True, noise_chunk_elems: int = 1 << 22,
+                 runner: str = "auto", workers: int | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.unet = unet.to(self.device, dtype).eval().to(memory_format=self.memory_format)
+        self.runner = ModelRunner(self.unet, self.device, dtype, self.memory_format, runner, workers)
         self.diffusion = diffusion
         cfg = unet.config
         self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -165,7 +169,7 @@ class SamplerEngine:
         t = coef[:, 0]
         a, b, c, d, e, f = (coef[:, i].view(-1, 1, 1, 1) for i in range(1, 7))
         x_in = self.x.to(self.dtype).contiguous(memory_format=self.memory_format)
-        out = self.unet(x_in, t).float()  # eps or v: the table folds in the conversion (model/diffusion.py)
+        out = self.runner(x_in, t).float()  # eps or v: the table folds in the conversion (model/diffusion.py)
         x_new = a * self.x + b * out
         if self._stochastic:
             x_new += c * self._noise()

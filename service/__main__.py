@@ -24,7 +24,7 @@ from .settings import Settings  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     flags = {"weights": str, "device": str, "dtype": str, "max_batch": int, "max_n": int, "queue_size": int,
-             "api_key": str, "request_timeout_s": float, "threads": int, "shutdown_grace_s": float,
+             "api_key": str, "request_timeout_s": float, "threads": int, "runner": str, "shutdown_grace_s": float,
              "host": str, "port": int}
     for name, typ in flags.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,

@@ -62,11 +62,12 @@ def build_runtime(settings: Settings, weights: LoadedWeights | None = None) -> R
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     weights = weights or load_weights(settings.weights)
-    engine = SamplerEngine(weights.unet, weights.diffusion, device, dtype, channels_last=settings.channels_last)
+    engine = SamplerEngine(weights.unet, weights.diffusion, device, dtype, channels_last=settings.channels_last,
+                           runner=settings.runner, workers=settings.threads)
     metrics = Metrics()
     metrics.model.info({"name": weights.name, "sha256": weights.sha256,
                         "resolution": str(weights.unet.config.image_size), "device": str(device),
-                        "dtype": DTYPE_NAMES[dtype]})
+                        "dtype": DTYPE_NAMES[dtype], "runner": engine.runner.mode})
     scheduler = Scheduler(engine, metrics, settings.max_batch, settings.queue_size)
     return Runtime(settings, weights, engine, scheduler, metrics)
 
@@ -252,7 +253,8 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
         return ModelInfo(name=w.name, sha256=w.sha256, resolution=cfg.image_size, architecture=cfg.to_dict(),
                          parameters=count_parameters(rt.engine.unet), schedule=w.diffusion.config.to_dict(),
                          dataset=w.metadata.get("dataset", ""), training_steps=int(w.metadata["training_steps"]),
-                         device=str(rt.engine.device), dtype=DTYPE_NAMES[rt.engine.dtype], samplers=list(SAMPLERS),
+                         device=str(rt.engine.device), dtype=DTYPE_NAMES[rt.engine.dtype], runner=rt.engine.runner.mode,
+                         samplers=list(SAMPLERS),
                          max_n=settings.max_n, max_batch=rt.scheduler.max_batch)
 
     return app

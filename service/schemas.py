@@ -58,6 +58,7 @@ class ModelInfo(BaseModel):
     training_steps: int
     device: str
     dtype: str
+    runner: str
     samplers: list[str]
     max_n: int
     max_batch: int

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4096, ge=256, description="larger request bodies get 413")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
     channels_last: bool = True
+    runner: Literal["auto", "script", "eager"] = Field(
+        "auto", description="auto: on CPU a frozen TorchScript U-Net run in one shard per thread; eager on CUDA")
     warmup: bool = True
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time to finish in-flight work")
     host: str = "0.0.0.0"

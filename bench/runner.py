@@ -1,0 +1,95 @@
+"""U-Net forward time by runner (model/runner.py): eager, frozen TorchScript, and TorchScript in one shard per thread.
+
+Interleaved rounds (A, B, C, A, B, C, ...) so a slow spell on a noisy machine hits every runner alike; the
+table shows the best round and the median, and each runner's speed-up over eager in the same run.
+
+    python bench/runner.py --weights weights/celeba32-cpu.safetensors --batch 1 4 16 64 --out bench/results/runner-cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from model.runner import ModelRunner  # noqa: E402
+from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--min-seconds", type=float, default=0.5, help="per runner per round")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+
+    w = load_weights(a.weights)
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    unet = w.unet.eval().to(memory_format=torch.channels_last)
+    runners = {
+        "eager": ModelRunner(unet, cpu, torch.float32, torch.channels_last, "eager"),
+        "script, 1 shard": ModelRunner(unet, cpu, torch.float32, torch.channels_last, "script", workers=1),
+        f"script, {threads} shards": ModelRunner(unet, cpu, torch.float32, torch.channels_last, "script", threads),
+    }
+    cfg = unet.config
+    rows = []
+    with torch.inference_mode():
+        for b in a.batch:
+            x = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size).contiguous(
+                memory_format=torch.channels_last)
+            t = torch.randint(0, 1000, (b,)).float()
+            ref = unet(x, t)
+            reps = {}
+            for name, r in runners.items():  # warm up, check, and size the rounds
+                torch.testing.assert_close(r(x, t), ref, rtol=1e-4, atol=1e-4)
+                t0 = time.perf_counter()
+                r(x, t)
+                reps[name] = max(2, int(a.min_seconds / (time.perf_counter() - t0)))
+            times = {name: [] for name in runners}
+            for _ in range(a.rounds):
+                for name, r in runners.items():
+                    t0 = time.perf_counter()
+                    for _ in range(reps[name]):
+                        r(x, t)
+                    times[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
+            rows.append((b, {k: (min(v), statistics.median(v)) for k, v in times.items()}))
+            print(f"batch {b}: " + ", ".join(f"{k} {min(v):.1f} ms" for k, v in times.items()), flush=True)
+
+    names = list(runners)
+    lines = [
+        "# U-Net forward by runner (model/runner.py)",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{threads} torch threads, fp32, channels_last, torch {torch.__version__}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
+        f"- weights: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels})",
+        f"- command: `python bench/runner.py --weights {a.weights} --batch {' '.join(map(str, a.batch))}"
+        + (f" --out {a.out}`" if a.out else "`"),
+        f"- {a.rounds} interleaved rounds; ms per forward, best round (median); speed-up of the best over eager's best",
+        "",
+        "| batch | " + " | ".join(names) + " | speed-up, sharded script |",
+        "| --- | " + " | ".join("---" for _ in names) + " | --- |",
+    ]
+    for b, res in rows:
+        cells = [f"{res[n][0]:.1f} ({res[n][1]:.1f})" for n in names]
+        lines.append(f"| {b} | " + " | ".join(cells) + f" | {res[names[0]][0] / res[names[-1]][0]:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The model runner computes what the module computes, at every batch size, without taking the process's threads."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from model.diffusion import Diffusion
+from model.engine import SamplerEngine, generate
+from model.runner import ModelRunner
+from model.unet import PRESETS, UNet
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(3)
+    return UNet(PRESETS["tiny"]).eval().to(memory_format=torch.channels_last)
+
+
+def _inputs(b: int, size: int = 8):
+    g = torch.Generator().manual_seed(b)
+    x = torch.randn(b, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (b,), generator=g).float()
+    return x, t
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_script_runner_matches_the_module_at_every_batch_size(unet, workers):
+    # Traced at batch 2, run at other sizes, in shards of uneven size (5 rows over 3 workers: 2, 2, 1).
+    runner = ModelRunner(unet, CPU, torch.float32, torch.channels_last, "script", workers)
+    assert runner.mode == "script"
+    with torch.inference_mode():
+        for b in (1, 2, 3, 5, 8):
+            x, t = _inputs(b)
+            out = runner(x, t)
+            assert out.shape == (b, 3, 8, 8)
+            torch.testing.assert_close(out, unet(x, t), rtol=1e-5, atol=1e-5)
+    runner.close()
+
+
+def test_auto_mode_scripts_only_our_unet_on_cpu(unet):
+    assert ModelRunner(unet, CPU, torch.float32).mode == "script"
+
+    class Other(nn.Module):
+        def forward(self, x, t):
+            return x * 0.5
+
+    other = Other()
+    runner = ModelRunner(other, CPU, torch.float32)
+    assert runner.mode == "eager" and runner.fn is other
+    assert ModelRunner(unet, CPU, torch.float32, mode="eager").mode == "eager"
+
+
+def test_bad_modes_are_refused(unet):
+    with pytest.raises(ValueError, match="unknown runner mode 'fast'"):
+        ModelRunner(unet, CPU, torch.float32, mode="fast")
+    with pytest.raises(ValueError, match="'script' is for CPU"):
+        ModelRunner(unet, torch.device("cuda"), torch.float32, mode="script")
+
+
+def test_shards_run_single_threaded_and_leave_the_callers_threads_alone(unet):
+    before = torch.get_num_threads()
+    runner = ModelRunner(unet, CPU, torch.float32, torch.channels_last, "script", workers=2)
+    with torch.inference_mode():
+        runner(*_inputs(4))
+    pool = runner._get_pool()
+    assert {pool.submit(torch.get_num_threads).result() for _ in range(4)} == {1}
+    assert torch.get_num_threads() == before
+    runner.close()
+
+
+def test_engine_gives_the_same_images_scripted_and_eager(unet):
+    d = Diffusion()
+    seeds = [5, 6, 7]
+    eager = generate(SamplerEngine(unet, d, runner="eager"), seeds, "ddim", 30, batch_size=3)
+    script = SamplerEngine(unet, d, runner="script", workers=2)
+    assert script.runner.mode == "script"
+    scripted = generate(script, seeds, "ddim", 30, batch_size=3)
+    diff = np.abs(eager.astype(int) - scripted.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.001
