@@ -3,7 +3,8 @@
     python bench/cpu_preset.py --out bench/results/cpu-preset.md
 
 Budget (issue: shipped CPU weights): a 1000-step ddpm request for 4 images within 30 s end to end on 2 cores,
-so one batch-4 forward must take well under 30 ms. FLOPs are counted with FlopCounterMode.
+so one batch-4 forward must take well under 30 ms. Each candidate is timed eagerly and through the runner the
+service uses (model/runner.py: frozen TorchScript, one shard per thread). FLOPs are counted with FlopCounterMode.
 """
 
 import argparse
@@ -17,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from model.runner import ModelRunner  # noqa: E402
 from model.unet import PRESETS, UNet, UNetConfig, count_parameters  # noqa: E402
 
 CANDIDATES = {
@@ -41,29 +43,33 @@ def main(argv=None):
     rows = []
     for name, cfg in CANDIDATES.items():
         m = UNet(cfg).eval().to(memory_format=torch.channels_last)
+        runners = {"eager": m, "runner": ModelRunner(m, torch.device("cpu"), torch.float32, torch.channels_last)}
         times = {}
         for b in (1, 4):
             x = torch.randn(b, 3, cfg.image_size, cfg.image_size).to(memory_format=torch.channels_last)
             t = torch.full((b,), 500.0)
-            with torch.no_grad():
+            with torch.inference_mode():
                 with FlopCounterMode(display=False) as fc:
                     m(x, t)
-                for _ in range(3):
-                    m(x, t)
-                t0 = time.perf_counter()
-                for _ in range(a.reps):
-                    m(x, t)
-                times[b] = (time.perf_counter() - t0) / a.reps
+                for kind, f in runners.items():
+                    for _ in range(3):
+                        f(x, t)
+                    t0 = time.perf_counter()
+                    for _ in range(a.reps):
+                        f(x, t)
+                    times[kind, b] = (time.perf_counter() - t0) / a.reps
             flops = fc.get_total_flops() / b
-        rows.append(f"| {name} | {count_parameters(m) / 1e6:.2f}M | {flops / 1e9:.3f} | {times[1] * 1e3:.1f} | "
-                    f"{times[4] * 1e3:.1f} | {times[4] * 1000:.0f} |")
+        rows.append(f"| {name} | {count_parameters(m) / 1e6:.2f}M | {flops / 1e9:.3f} | "
+                    f"{times['eager', 1] * 1e3:.1f} / {times['runner', 1] * 1e3:.1f} | "
+                    f"{times['eager', 4] * 1e3:.1f} / {times['runner', 4] * 1e3:.1f} | {times['runner', 4] * 1000:.0f} |")
         print(rows[-1], flush=True)
     text = "\n".join([
         "# CPU preset: U-Net forward time of candidates", "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, fp32, channels_last, torch {torch.__version__}",
         f"- command: `python bench/cpu_preset.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-        "| config | params | GFLOP/img | fwd b=1 ms | fwd b=4 ms | 1000 steps at b=4, s (U-Net only) |",
+        "Forward times: eager / the service's runner (model/runner.py).", "",
+        "| config | params | GFLOP/img | fwd b=1 ms | fwd b=4 ms | 1000 steps at b=4 with the runner, s (U-Net only) |",
         "| --- | --- | --- | --- | --- | --- |"] + rows) + "\n"
     print(text)
     if a.out:

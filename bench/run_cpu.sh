@@ -8,6 +8,7 @@ DATA=../shared/data/celeba/img_align_celeba_89x109_000001-009000.tar
 python -m model.sample --weights $W --n 16 --seed 0 --out runs/samples-ddpm1000 && cp runs/samples-ddpm1000/grid.png docs/samples.png
 python bench/cpu_preset.py --out bench/results/cpu-preset.md
 python bench/thread_policy.py --out bench/results/thread-policy-cpu.md
+python bench/runner.py --weights $W --batch 1 4 16 64 --out bench/results/runner-cpu.md
 python bench/sampler.py --weights $W --batch 1 4 16 64 --steps 1000 1000 100 50 --out bench/results/sampler-cpu.md
 python bench/service_load.py latency --weights $W --n 1 4 --out bench/results/service-latency-cpu.md
 python bench/service_load.py load --weights $W --clients 1 4 16 64 --duration 20 --max-batch 64 1 \
