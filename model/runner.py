@@ -2,8 +2,8 @@
 
 On CPU a small U-Net's step is not all convolution. Measured on 2 cores with the shipped cpu32 model
 (bench/results/runner-cpu.md):
-  - Python dispatch: eager PyTorch spends ~5 ms of a 14 ms batch-1 forward calling ~170 ops from Python. A
-    frozen TorchScript trace runs the same ATen ops from C++, without the GIL.
+  - Python dispatch: eager PyTorch spends ~6 of the 16 ms of a batch-1 forward calling ~170 small ops from
+    Python. A frozen TorchScript trace runs the same ATen ops from C++, without the GIL.
   - Intra-op threads: the ops are too small for two threads to share well (a batch-4 forward is only 1.2x faster
     on 2 threads than on 1). Splitting the batch into one shard per core, each run single-threaded and all at once,
     keeps every core busy with whole ops.
@@ -36,7 +36,8 @@ MODES = ("auto", "script", "eager")
 
 class ModelRunner:
     """`runner(x, t)` == `module(x, t)`, faster. mode: 'auto' (script for a UNet on CPU, else eager), 'script'
-    (CPU only), 'eager'. workers: CPU shards run at once (default: torch's intra-op thread count)."""
+    (CPU only), 'eager'. workers: CPU shards run at once (default: torch's intra-op thread count).
+    A script runner holds the weights as they were when it was built: build a new one after changing them."""
 
     def __init__(self, module: nn.Module, device: torch.device, dtype: torch.dtype,
                  memory_format: torch.memory_format = torch.contiguous_format, mode: str = "auto",
