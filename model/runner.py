@@ -20,7 +20,6 @@ On CUDA the runner calls the module as it is (kernels run asynchronously; the ho
 from __future__ import annotations
 
 import logging
-import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,10 +48,7 @@ class ModelRunner:
         if mode == "auto":
             # Only our own U-Net is known to trace into a batch-size-independent graph (tests/test_runner.py).
             mode = "script" if device.type == "cpu" and isinstance(module, UNet) else "eager"
-        self.module = module
         self.workers = max(1, workers or torch.get_num_threads())
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
         self.mode = "eager"
         self.fn = module
         if mode == "script":
@@ -61,26 +57,24 @@ class ModelRunner:
                 self.mode = "script"
             except (AttributeError, RuntimeError) as e:  # torch.jit removed, or a graph it cannot trace
                 log.warning("TorchScript trace failed (%s); running the U-Net eagerly", e)
+        # Shards run on this pool (its threads start on first use). Each worker's OpenMP thread count is its own:
+        # 1, so the shards share the cores, not each op.
+        self._pool = None
+        if self.mode == "script" and self.workers > 1:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="unet-shard",
+                                            initializer=torch.set_num_threads, initargs=(1,))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        shards = min(self.workers, x.shape[0]) if self.mode == "script" else 1
+        shards = min(self.workers, x.shape[0]) if self._pool is not None else 1
         if shards <= 1:
             return self.fn(x, t)
-        pool = self._get_pool()
-        parts = [pool.submit(self._run_shard, xs, ts) for xs, ts in zip(x.tensor_split(shards), t.tensor_split(shards))]
+        parts = [self._pool.submit(self._run_shard, xs, ts)
+                 for xs, ts in zip(x.tensor_split(shards), t.tensor_split(shards))]
         return torch.cat([p.result() for p in parts])
 
     def _run_shard(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():  # grad mode is per thread
             return self.fn(x, t)
-
-    def _get_pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                # Each worker's OpenMP thread count is its own: 1, so the shards share the cores, not each op.
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="unet-shard",
-                                                initializer=torch.set_num_threads, initargs=(1,))
-            return self._pool
 
     def close(self) -> None:
         if self._pool is not None:

@@ -65,7 +65,7 @@ def test_shards_run_single_threaded_and_leave_the_callers_threads_alone(unet):
     runner = ModelRunner(unet, CPU, torch.float32, torch.channels_last, "script", workers=2)
     with torch.inference_mode():
         runner(*_inputs(4))
-    pool = runner._get_pool()
+    pool = runner._pool
     assert {pool.submit(torch.get_num_threads).result() for _ in range(4)} == {1}
     assert torch.get_num_threads() == before
     runner.close()
