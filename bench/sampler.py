@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.diffusers_compat import diffusers_scheduler, to_diffusers  # noqa: E402
-from model.engine import SamplerEngine, generate, pick_device, pick_dtype  # noqa: E402
+from model.device import pick_device, pick_dtype  # noqa: E402
+from model.engine import SamplerEngine, generate  # noqa: E402
 from model.weights import load_weights  # noqa: E402
 
 

@@ -15,33 +15,11 @@ from typing import Hashable, Iterable
 import numpy as np
 import torch
 
+from .device import memory_allocated, pick_memory_format, release_cached_memory
 from .diffusion import Diffusion
 from .noise import gaussian
 from .runner import ModelRunner
 from .unet import UNet
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on CPU (no fast bf16 on most CPUs)."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r} (expected auto, {', '.join(DTYPES)})")
-    return DTYPES[name]
-
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, C)."""
@@ -65,12 +43,20 @@ class _Row:
 
 
 class SamplerEngine:
+    """memory_format: 'auto' (model/device.py), 'channels_last', 'contiguous', or a torch.memory_format.
+
+    Exception-safe: `step()` computes the new state first and commits it only when nothing failed, so after an
+    error (a CUDA OOM, say) the same step can be retried and the images are those of an uninterrupted run.
+    """
+
     def __init__(self, unet: UNet, diffusion: Diffusion, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, channels_last: bool = True, noise_chunk_elems: int = 1 << 22,
-                 runner: str = "auto", workers: int | None = None):
+                 dtype: torch.dtype = torch.float32, memory_format: str | torch.memory_format = "auto",
+                 noise_chunk_elems: int = 1 << 22, runner: str = "auto", workers: int | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if isinstance(memory_format, str):
+            memory_format = pick_memory_format(memory_format, self.device)
+        self.memory_format = memory_format
         self.unet = unet.to(self.device, dtype).eval().to(memory_format=self.memory_format)
         self.runner = ModelRunner(self.unet, self.device, dtype, self.memory_format, runner, workers)
         self.diffusion = diffusion
@@ -88,12 +74,19 @@ class SamplerEngine:
         self.pos = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.offset = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._z: torch.Tensor | None = None  # noise for the next few steps of every row, (B, L, C, H, W)
-        self._zcol = 0
+        self._zcol = 0  # column of _z that the next step uses
 
     def __len__(self) -> int:
         return len(self.rows)
 
     # ---- batch membership ------------------------------------------------------------------------------
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """A host list as an int64 device tensor; on CUDA copied from pinned memory without waiting for the GPU."""
+        t = torch.tensor(values, dtype=torch.int64)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     def _table_offset(self, sampler: str, steps: int) -> int:
         key = (sampler, steps)
         if key not in self._table_offsets:
@@ -107,18 +100,18 @@ class SamplerEngine:
         specs = list(specs)
         if not specs:
             return
-        offsets = [self._table_offset(s.sampler, s.steps) for s in specs]
         for s in specs:
             if not 0 <= s.seed < 2**63:
                 raise ValueError(f"seed must be in [0, 2^63), got {s.seed}")
-        seeds = torch.tensor([s.seed for s in specs], dtype=torch.int64, device=self.device)
+        offsets = [self._table_offset(s.sampler, s.steps) for s in specs]
+        seeds = self._to_device([s.seed for s in specs])
         zero = torch.zeros(len(specs), dtype=torch.int64, device=self.device)
-        x_T = gaussian(seeds, zero, self.shape)
-        self.x = torch.cat([self.x, x_T])
-        self.x0_prev = torch.cat([self.x0_prev, torch.zeros_like(x_T)])
-        self.seeds = torch.cat([self.seeds, seeds])
-        self.pos = torch.cat([self.pos, zero])
-        self.offset = torch.cat([self.offset, torch.tensor(offsets, dtype=torch.int64, device=self.device)])
+        x_T = gaussian(seeds, zero, self.shape)  # noise index 0 (model/noise.py)
+        x, x0_prev = torch.cat([self.x, x_T]), torch.cat([self.x0_prev, torch.zeros_like(x_T)])
+        seeds, pos = torch.cat([self.seeds, seeds]), torch.cat([self.pos, zero])
+        offset = torch.cat([self.offset, self._to_device(offsets)])
+        # commit (nothing below can fail)
+        self.x, self.x0_prev, self.seeds, self.pos, self.offset = x, x0_prev, seeds, pos, offset
         self.rows += [_Row(group, first_index + i, s.sampler, s.steps) for i, s in enumerate(specs)]
         self._count_kinds()
         self._z = None  # refilled for all rows at the next step
@@ -127,12 +120,20 @@ class SamplerEngine:
         self._stochastic = sum(r.sampler == "ddpm" for r in self.rows)
         self._multistep = sum(r.sampler == "dpm-solver++" for r in self.rows)
 
-    def _keep(self, keep: list[int]) -> None:
-        idx = torch.tensor(keep, dtype=torch.int64, device=self.device)
-        for name in ("x", "x0_prev", "seeds", "pos", "offset"):
-            setattr(self, name, getattr(self, name).index_select(0, idx))
-        if self._z is not None:
-            self._z = self._z.index_select(0, idx)
+    _STATE = ("x", "x0_prev", "seeds", "pos", "offset")  # per-row tensors, row i of each is self.rows[i]
+
+    def _keep(self, keep: list[int], state: dict | None = None, z: torch.Tensor | None = None, zcol: int = 0) -> None:
+        """Keep rows `keep` and commit, all or nothing. state/z/zcol: the per-row tensors and noise to keep rows of
+        (default: the current ones)."""
+        if state is None:
+            state, z, zcol = {name: getattr(self, name) for name in self._STATE}, self._z, self._zcol
+        if len(keep) < len(self.rows):
+            idx = self._to_device(keep)
+            state = {name: value.index_select(0, idx) for name, value in state.items()}
+            z = z.index_select(0, idx) if z is not None else None
+        for name, value in state.items():  # commit: nothing below can fail
+            setattr(self, name, value)
+        self._z, self._zcol = z, zcol
         self.rows = [self.rows[i] for i in keep]
         self._count_kinds()
 
@@ -144,21 +145,34 @@ class SamplerEngine:
             self._keep(keep)
         return removed
 
+    def clear(self) -> None:
+        """Drop every sample without touching the device (views only): usable after a device error."""
+        for name in self._STATE:
+            setattr(self, name, getattr(self, name)[:0])
+        self._z = None
+        self.rows = []
+        self._count_kinds()
+
     def groups(self) -> set:
         return {r.group for r in self.rows}
 
+    def memory_allocated(self) -> int:
+        """Bytes of device memory held by tensors (0 on CPU)."""
+        return memory_allocated(self.device)
+
+    def release_cached_memory(self) -> None:
+        release_cached_memory(self.device)
+
     # ---- one denoising step ----------------------------------------------------------------------------
-    def _noise(self) -> torch.Tensor:
-        if self._z is None or self._zcol == self._z.shape[1]:
-            b = len(self.rows)
-            chunk = max(1, min(64, self.noise_chunk_elems // max(1, b * int(np.prod(self.shape)))))
-            j = torch.arange(chunk, device=self.device)
-            idx = (self.pos[:, None] + 1 + j[None]).reshape(-1)  # z of step k has noise index k + 1
-            self._z = gaussian(self.seeds.repeat_interleave(chunk), idx, self.shape).view(b, chunk, *self.shape)
-            self._zcol = 0
-        z = self._z[:, self._zcol]
-        self._zcol += 1
-        return z
+    def _noise(self) -> tuple[torch.Tensor, int]:
+        """(noise table, column) for the coming step; the caller commits the column when the step succeeds."""
+        if self._z is not None and self._zcol < self._z.shape[1]:
+            return self._z, self._zcol
+        b = len(self.rows)
+        chunk = max(1, min(64, self.noise_chunk_elems // max(1, b * int(np.prod(self.shape)))))
+        j = torch.arange(chunk, device=self.device)
+        idx = (self.pos[:, None] + 1 + j[None]).reshape(-1)  # z of step k has noise index k + 1
+        return gaussian(self.seeds.repeat_interleave(chunk), idx, self.shape).view(b, chunk, *self.shape), 0
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Hashable, int, np.ndarray]]:
@@ -170,24 +184,26 @@ class SamplerEngine:
         a, b, c, d, e, f = (coef[:, i].view(-1, 1, 1, 1) for i in range(1, 7))
         x_in = self.x.to(self.dtype).contiguous(memory_format=self.memory_format)
         out = self.runner(x_in, t).float()  # eps or v: the table folds in the conversion (model/diffusion.py)
-        x_new = a * self.x + b * out
+        x = a * self.x + b * out
+        z, zcol = None, -1  # without noisy rows no noise is drawn (a noisy row can only come back through add())
         if self._stochastic:
-            x_new += c * self._noise()
+            z, zcol = self._noise()
+            x += c * z[:, zcol]
+        x0_prev = self.x0_prev
         if self._multistep:
-            x_new += d * self.x0_prev
-            self.x0_prev = e * self.x + f * out
-        self.x = x_new
-        self.pos += 1
-        finished = []
-        for i, r in enumerate(self.rows):
+            x += d * self.x0_prev
+            x0_prev = e * self.x + f * out
+        pos = self.pos + 1
+        finished = [i for i, r in enumerate(self.rows) if r.pos + 1 == r.steps]
+        done = []
+        if finished:
+            images = to_uint8(x[finished]).cpu().numpy()
+            done = [(self.rows[i].group, self.rows[i].index, img) for i, img in zip(finished, images)]
+        state = {"x": x, "x0_prev": x0_prev, "seeds": self.seeds, "pos": pos, "offset": self.offset}
+        gone = set(finished)
+        self._keep([i for i in range(len(self.rows)) if i not in gone], state, z, zcol + 1)  # commit the step
+        for r in self.rows:
             r.pos += 1
-            if r.pos == r.steps:
-                finished.append(i)
-        if not finished:
-            return []
-        images = to_uint8(self.x[finished]).cpu().numpy()
-        done = [(self.rows[i].group, self.rows[i].index, img) for i, img in zip(finished, images)]
-        self._keep([i for i in range(len(self.rows)) if i not in set(finished)])
         return done
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .diffusion import SAMPLERS
-from .engine import SamplerEngine, generate, pick_device, pick_dtype
+from .device import pick_device, pick_dtype
+from .engine import SamplerEngine, generate
 from .images import grid, png_bytes, provenance
 from .weights import DEFAULT_WEIGHTS, WeightsError, load_weights
 

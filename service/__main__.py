@@ -15,6 +15,7 @@ import sys  # noqa: E402
 
 import uvicorn  # noqa: E402
 
+from model.device import pick_device  # noqa: E402
 from model.weights import WeightsError, load_weights  # noqa: E402
 
 from .app import create_app  # noqa: E402
@@ -24,8 +25,8 @@ from .settings import Settings  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     flags = {"weights": str, "device": str, "dtype": str, "max_batch": int, "max_n": int, "queue_size": int,
-             "api_key": str, "request_timeout_s": float, "threads": int, "runner": str, "shutdown_grace_s": float,
-             "host": str, "port": int}
+             "api_key": str, "request_timeout_s": float, "threads": int, "runner": str, "memory_format": str,
+             "shutdown_grace_s": float, "host": str, "port": int}
     for name, typ in flags.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
                        help=f"(env CELEBA_DDPM_{name.upper()})")
@@ -38,23 +39,40 @@ def main(argv=None) -> int:
         print(f"error: bad setting: {e}", file=sys.stderr)
         return 2
     try:
+        pick_device(settings.device)  # fail fast on a device this machine lacks (cuda:7 on a 1-GPU host)
+    except ValueError as e:
+        print(f"error: bad setting: device: {e}", file=sys.stderr)
+        return 2
+    try:
         weights = load_weights(settings.weights)  # fail fast, before binding the port
     except WeightsError as e:
         print(f"error: cannot load weights: {e}", file=sys.stderr)
         return 2
-    app = create_app(settings, weights)
+    failed: list[BaseException] = []
+
+    def on_fatal(exc: BaseException) -> None:
+        # The denoising worker died (a device fault): every request has been answered with 503 and /readyz and
+        # /healthz say 503. Exit non-zero so that the orchestrator (Docker, Kubernetes) restarts the process.
+        failed.append(exc)
+        server.should_exit = True
+
+    app = create_app(settings, weights, on_fatal)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             # SIGTERM/SIGINT: stop admitting at once; in-flight work gets shutdown_grace_s to finish.
             rt = getattr(app.state, "runtime", None)
-            if rt is not None and not rt.scheduler.draining:
-                rt.begin_shutdown(settings.shutdown_grace_s)
+            if rt is not None:
+                rt.drain()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=a.log_level,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
-    Server(config).run()
+    server = Server(config)
+    server.run()
+    if failed:
+        print(f"error: the denoising worker failed: {type(failed[0]).__name__}: {failed[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,13 +7,11 @@ import base64
 import hmac
 import logging
 import secrets
-import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -21,63 +19,23 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from model.device import DTYPE_NAMES
 from model.diffusion import SAMPLERS
-from model.engine import SampleSpec, SamplerEngine, pick_device, pick_dtype
 from model.images import grid, png_bytes, provenance
 from model.unet import count_parameters
-from model.weights import LoadedWeights, load_weights
+from model.weights import LoadedWeights
 
-from .metrics import Metrics
-from .scheduler import GenerationError, Job, Scheduler
+from .docs import ASSETS_URL as DOCS_ASSETS
+from .docs import add_docs
+from .runtime import Runtime, build_runtime
+from .scheduler import GenerationError, Job
 from .schemas import ERRORS, MAX_SEED, GenerateRequest, GenerateResponse, ModelInfo, Timings
 from .schemas import Image as ImageOut
 from .settings import Settings
 
 log = logging.getLogger("celeba_ddpm.service")
-ENDPOINTS = {"/generate", "/metrics", "/healthz", "/readyz", "/v1/model", "/openapi.json", "/docs"}
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@dataclass
-class Runtime:
-    settings: Settings
-    weights: LoadedWeights
-    engine: SamplerEngine
-    scheduler: Scheduler
-    metrics: Metrics
-    ready: bool = False
-
-    def begin_shutdown(self, grace_s: float) -> threading.Thread:
-        """Stop admission now (and report not ready); finish or cancel in-flight work within grace_s."""
-        self.ready = False
-        self.scheduler.draining = True
-        t = threading.Thread(target=self.scheduler.stop, args=(grace_s,), name="drain", daemon=True)
-        t.start()
-        return t
-
-
-def build_runtime(settings: Settings, weights: LoadedWeights | None = None) -> Runtime:
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
-    weights = weights or load_weights(settings.weights)
-    engine = SamplerEngine(weights.unet, weights.diffusion, device, dtype, channels_last=settings.channels_last,
-                           runner=settings.runner, workers=settings.threads)
-    metrics = Metrics()
-    metrics.model.info({"name": weights.name, "sha256": weights.sha256,
-                        "resolution": str(weights.unet.config.image_size), "device": str(device),
-                        "dtype": DTYPE_NAMES[dtype], "runner": engine.runner.mode})
-    scheduler = Scheduler(engine, metrics, settings.max_batch, settings.queue_size)
-    return Runtime(settings, weights, engine, scheduler, metrics)
-
-
-def warm_up(engine: SamplerEngine, max_batch: int) -> None:
-    """One step at batch 1 and at the batch limit, so the first request doesn't pay for kernel selection."""
-    for b in sorted({1, max_batch}):
-        engine.add("warmup", [SampleSpec(0, "ddim", 2)] * b)
-        while len(engine):
-            engine.step()
+ENDPOINTS = {"/generate", "/metrics", "/healthz", "/readyz", "/v1/model", "/openapi.json", "/docs", "/redoc",
+             DOCS_ASSETS}
 
 
 class MetricsAndLimits:
@@ -92,66 +50,78 @@ class MetricsAndLimits:
             return await self.app(scope, receive, send)
         rt: Runtime = self.get_runtime()
         limit = rt.settings.max_body_bytes
-        status = {"code": 500}
+        state = {"status": 500, "refused": False, "received": 0}
         t0 = time.perf_counter()
 
         async def send_wrapper(message):
+            if state["refused"]:
+                return  # the 413 has gone out: whatever the app answers to the cut-off body goes nowhere
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                state["status"] = message["status"]
             await send(message)
 
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = length is not None and length.isdigit() and int(length) > limit
-        received = 0
-
-        async def receive_limited():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _BodyTooLarge()
-            return message
-
-        try:
-            if too_large:
-                raise _BodyTooLarge()
-            await self.app(scope, receive_limited, send_wrapper)
-        except _BodyTooLarge:
+        async def refuse():
             rt.metrics.rejected.labels("body_too_large").inc()
             resp = JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
             await resp(scope, receive, send_wrapper)
+            state["refused"] = True
+
+        async def receive_limited():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > limit and not state["refused"]:
+                    # A body without Content-Length (chunked) that grows past the limit: answer 413 now and tell
+                    # the app the client left (raising here would reach FastAPI's body parser, which makes a 400).
+                    await refuse()
+                    return {"type": "http.disconnect"}
+            return message
+
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            if length is not None and length.isdigit() and int(length) > limit:
+                await refuse()
+            else:
+                await self.app(scope, receive_limited, send_wrapper)
         finally:
-            route = scope.get("route")
-            # label by route template; unknown paths share one label so scanners can't blow up cardinality
-            endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in ENDPOINTS else "unmatched")
-            rt.metrics.requests.labels(endpoint, scope["method"], str(status["code"])).inc()
+            endpoint = _endpoint_label(scope)
+            rt.metrics.requests.labels(endpoint, scope["method"], str(state["status"])).inc()
             rt.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - t0)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _endpoint_label(scope) -> str:
+    """The route template; the docs' asset files share one label, and unknown paths another, so that scanners
+    cannot blow up the metrics' cardinality."""
+    path = getattr(scope.get("route"), "path", None) or scope["path"]
+    if path in ENDPOINTS:
+        return path
+    if path.startswith(DOCS_ASSETS + "/"):
+        return DOCS_ASSETS
+    return path if "route" in scope else "unmatched"
 
 
-def create_app(settings: Settings | None = None, weights: LoadedWeights | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, weights: LoadedWeights | None = None,
+               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """on_fatal: called if the denoising worker dies (python -m service exits non-zero so it is restarted)."""
     settings = settings or Settings()
     holder: dict[str, Runtime] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        rt = build_runtime(settings, weights)  # a bad weights file raises here and stops start-up
+        rt = build_runtime(settings, weights, on_fatal)  # a bad weights file raises here and stops start-up
         holder["rt"] = app.state.runtime = rt
-        if settings.warmup:
-            await run_in_threadpool(warm_up, rt.engine, settings.max_batch)
-        rt.scheduler.start()
+        rt.scheduler.start()  # the worker warms up on its own thread first
+        await run_in_threadpool(rt.scheduler.started.wait)
+        if rt.scheduler.fatal is not None:
+            raise RuntimeError(f"warm-up failed: {rt.scheduler.fatal!r}")
         rt.ready = True
         log.info("ready: %s (%s) on %s/%s", rt.weights.name, rt.weights.sha256[:12], rt.engine.device,
                  DTYPE_NAMES[rt.engine.dtype])
         yield
-        rt.ready = False
-        await run_in_threadpool(rt.scheduler.stop, 0.0 if rt.scheduler.draining else settings.shutdown_grace_s)
+        await run_in_threadpool(lambda: rt.drain().join())
 
     app = FastAPI(
+        docs_url=None, redoc_url=None,  # served offline by service/docs.py
         title="celeba-ddpm",
         version="0.1.0",
         summary="Photographs of faces from a DDPM trained on CelebA, with step-level continuous batching.",
@@ -160,6 +130,7 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
         lifespan=lifespan,
     )
     app.add_middleware(MetricsAndLimits, get_runtime=lambda: holder["rt"])
+    add_docs(app)
 
     def runtime(request: Request) -> Runtime:
         return request.app.state.runtime
@@ -235,14 +206,17 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
     async def metrics(rt: Runtime = Depends(runtime)):
         return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz", summary="The process is alive")
-    async def healthz():
+    @app.get("/healthz", summary="The process and its denoising worker are alive",
+             responses={503: {"description": "the denoising worker died: restart the process"}})
+    async def healthz(rt: Runtime = Depends(runtime)):
+        if not rt.healthy():
+            return JSONResponse({"status": "denoising worker failed"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Weights loaded, warmed up and admitting requests",
-             responses={503: {"description": "not ready (starting or shutting down)"}})
+             responses={503: {"description": "not ready (starting, shutting down, or the worker failed)"}})
     async def readyz(rt: Runtime = Depends(runtime)):
-        if not rt.ready:
+        if not rt.ready or not rt.scheduler.alive():
             return JSONResponse({"status": "not ready"}, status_code=503)
         queued, active = rt.scheduler.depth()
         return {"status": "ready", "queued_requests": queued, "active_samples": active}
@@ -267,6 +241,8 @@ async def _wait_or_disconnect(request: Request, rt: Runtime, job: Job, future: a
             done, _ = await asyncio.wait({future}, timeout=0.25)
             if done:
                 return future.result()
+            if not rt.scheduler.healthy():  # never wait on a dead worker (it fails its futures; belt and braces)
+                raise GenerationError(503, "the denoising worker failed; retry", retry_after=10)
             if await request.is_disconnected():
                 rt.scheduler.cancel(job, GenerationError(499, "client disconnected"), "disconnect")
                 return await future  # raises the cancellation (the response goes nowhere)

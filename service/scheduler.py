@@ -3,8 +3,16 @@
 Requests wait in a bounded FIFO queue. Between two denoising steps the worker applies cancellations and
 deadlines, then admits samples from the head of the queue while the batch has room (a request larger than the
 room is admitted in parts), runs one step for the whole batch, and hands each request its images as soon as its
-last one is done. The event loop only touches the queue under a short lock and awaits a future, so it never
-blocks on the device. Mirrors vLLM's split: this module schedules; model/engine.py runs the model.
+last one is done. Mirrors vLLM's split: this module schedules; model/engine.py runs the model.
+
+The lock guards only host bookkeeping (the queue, the job table). The worker decides under it and touches the
+device outside it, so `submit()` and `cancel()` on the event loop never wait for the GPU.
+
+Failures: an out-of-memory step fails the batch's requests, halves the batch limit and goes on; any other error
+in a step fails the batch's requests and goes on; a device fault (model/device.py: the GPU is unusable until the
+process restarts) or an error in the scheduler itself fails every request, waiting or running, marks the worker
+dead (`alive()` is False, so /healthz and /readyz say 503) and calls `on_fatal` so the process can exit for its
+orchestrator to restart it. No request is ever left waiting on a dead worker.
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
+from model.device import StepTimer, is_device_fault
 from model.engine import SampleSpec, SamplerEngine
 
 from .metrics import Metrics
@@ -55,25 +65,43 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: SamplerEngine, metrics: Metrics, max_batch: int, queue_size: int):
+    def __init__(self, engine: SamplerEngine, metrics: Metrics, max_batch: int, queue_size: int,
+                 warm_up: bool = True, on_fatal: Callable[[BaseException], None] | None = None):
         self.engine, self.metrics = engine, metrics
         self.max_batch, self.queue_size = max_batch, queue_size
+        self.warm_up, self.on_fatal = warm_up, on_fatal
         self._pending: deque[Job] = deque()
         self._active: dict[int, Job] = {}
         self._cancel: dict[int, tuple[Job, GenerationError, str]] = {}
         self._cond = threading.Condition()
         self._stop = False
         self.draining = False
+        self._drain_thread: threading.Thread | None = None
+        self.fatal: BaseException | None = None  # what killed the worker
+        self.started = threading.Event()  # set when warm-up is over (or the worker died)
         self._step_s = 0.0  # moving average of the step time
+        self._timer = StepTimer(engine.device)
         self._thread = threading.Thread(target=self._run, name="denoiser", daemon=True)
         metrics.batch_limit.set(max_batch)
 
     # ---- called from the event loop ----------------------------------------------------------------------
     def start(self) -> None:
+        """Start the worker; it warms up first (`started` is set when it has)."""
         self._thread.start()
+
+    def alive(self) -> bool:
+        """The worker is running and admitting work."""
+        return self._thread.is_alive() and self.fatal is None
+
+    def healthy(self) -> bool:
+        """Not dead of an error: running, or not started yet, or stopped on purpose."""
+        return self.fatal is None and (self._thread.is_alive() or not self.started.is_set() or self._stop)
 
     def submit(self, job: Job) -> concurrent.futures.Future:
         with self._cond:
+            if self.fatal is not None:
+                raise GenerationError(503, "the denoising worker failed; the service is restarting", retry_after=10,
+                                      reason="worker_failed")
             if self.draining:
                 raise GenerationError(503, "the service is shutting down", retry_after=5, reason="shutting_down")
             if len(self._pending) >= self.queue_size:
@@ -98,123 +126,234 @@ class Scheduler:
     def depth(self) -> tuple[int, int]:
         return len(self._pending), len(self.engine)
 
-    def stop(self, grace_s: float = 0.0) -> None:
-        """Stop admitting; let running work finish for up to grace_s; fail what is left with 503; end the worker."""
+    def drain(self, grace_s: float) -> threading.Thread:
+        """Stop admitting now; let running work finish for up to grace_s, then fail what is left with 503 and end
+        the worker. Idempotent: a second call returns the thread of the first (join it to wait for the end)."""
         with self._cond:
-            self.draining = True
+            if self._drain_thread is None:
+                self.draining = True
+                self._drain_thread = threading.Thread(target=self._drain, args=(grace_s,), name="drain",
+                                                      daemon=True)
+                self._drain_thread.start()
+            return self._drain_thread
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """drain(grace_s) and wait for it."""
+        self.drain(grace_s).join()
+
+    def _drain(self, grace_s: float) -> None:
         end = time.monotonic() + grace_s
-        while time.monotonic() < end:
+        while time.monotonic() < end and self.alive():
             with self._cond:
                 if not self._pending and not self._active:
                     break
             time.sleep(0.05)
         with self._cond:
-            err = GenerationError(503, "the service shut down before this request finished")
+            err = GenerationError(503, "the service shut down before this request finished", retry_after=5)
             for job in list(self._pending) + list(self._active.values()):
                 self._cancel[job.id] = (job, err, "shutdown")
             self._stop = True
             self._cond.notify()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        else:  # never started, or died: nobody else will answer these
+            self._fail_all(err)
 
     # ---- the worker thread ---------------------------------------------------------------------------------
-    def _fail(self, job: Job, error: GenerationError) -> None:
-        if not job.future.done():
-            job.future.set_exception(error)
+    def _run(self) -> None:
+        try:
+            if self.warm_up:
+                self._warm_up()
+            self.started.set()
+            while self._loop_once():
+                pass
+        except BaseException as e:  # the worker must never die silently: fail everything, report, let it restart
+            self._die(e)
+        finally:
+            self.started.set()
 
-    def _apply_cancellations(self) -> None:
+    def _loop_once(self) -> bool:
+        """Cancel, admit, step. False when the scheduler has stopped."""
+        with self._cond:
+            cancels = self._take_cancellations()
+            stop = self._stop
+        for job, error, reason in cancels:
+            self._fail(job, error)  # answer first, then touch the device
+            self.engine.cancel(job.id)
+            self.metrics.cancelled.labels(reason).inc()
+        if stop:
+            return False
+        with self._cond:
+            admits = self._plan_admissions()
+            if not admits and not len(self.engine):
+                self.metrics.active.set(0)
+                if not self._cancel and not self._stop:
+                    self._cond.wait(timeout=0.5)
+                return True
+        self._device_work(lambda: self._add(admits), tuple(job for job, _, _ in admits), sum(k for _, _, k in admits))
+        if len(self.engine):
+            self._step()
+        return True
+
+    def _take_cancellations(self) -> list[tuple[Job, GenerationError, str]]:
+        """Under the lock: deadlines, then every requested cancellation, out of the queue and the job table."""
         now = time.monotonic()
         for job in list(self._pending) + list(self._active.values()):
             if job.deadline is not None and now > job.deadline and job.id not in self._cancel:
                 self._cancel[job.id] = (job, GenerationError(504, "request deadline passed before it finished"),
                                         "deadline")
+        out = []
         for job_id, (job, error, reason) in self._cancel.items():
             if job in self._pending:
                 self._pending.remove(job)
             self._active.pop(job_id, None)
-            self.engine.cancel(job_id)
-            self.metrics.cancelled.labels(reason).inc()
-            self._fail(job, error)
+            if not job.future.done():
+                out.append((job, error, reason))
         self._cancel.clear()
+        self.metrics.queue_depth.set(len(self._pending))
+        return out
 
-    def _admit(self) -> None:
-        while self._pending and len(self.engine) < self.max_batch:
+    def _plan_admissions(self) -> list[tuple[Job, int, int]]:
+        """Under the lock: (job, first index, count) to add, FIFO, at most max_batch rows in the engine."""
+        room = self.max_batch - len(self.engine)
+        admits = []
+        while self._pending and room > 0:
             job = self._pending[0]
-            k = min(job.n - job.admitted, self.max_batch - len(self.engine))
-            self.engine.add(job.id, job.specs(job.admitted, k), first_index=job.admitted)
+            k = min(job.n - job.admitted, room)
+            admits.append((job, job.admitted, k))
             if job.admitted == 0:
                 job.started_at = time.monotonic()
                 self.metrics.queue_wait.observe(job.started_at - job.enqueued_at)
                 self._active[job.id] = job
             job.admitted += k
+            room -= k
             if job.admitted == job.n:
                 self._pending.popleft()
         self.metrics.queue_depth.set(len(self._pending))
+        return admits
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._apply_cancellations()
-                if self._stop:
-                    return
-                self._admit()
-                if not len(self.engine):
-                    self.metrics.active.set(0)
-                    self._cond.wait(timeout=0.5)
-                    continue
-            self._step()
+    def _add(self, admits: list[tuple[Job, int, int]]) -> None:
+        for job, start, count in admits:
+            self.engine.add(job.id, job.specs(start, count), first_index=start)
+
+    def _device_work(self, work: Callable[[], object], jobs: tuple[Job, ...] = (), rows: int = 0
+                     ) -> tuple[bool, object]:
+        """(True, work()) or, after a failure, (False, None). OOM and ordinary errors fail the batch, handled after
+        the except block so that the failed step's tensors, held by the traceback, are freed first; a device fault
+        is re-raised (fatal). Only engine calls run here: an error in the scheduler's own code is fatal too.
+        jobs, rows: requests to fail with the batch besides those with rows in it, and the rows they would add."""
+        batch = len(self.engine) + rows
+        try:
+            return True, work()
+        except torch.OutOfMemoryError:
+            oom, message = True, ""
+        except Exception as e:
+            if is_device_fault(e):
+                raise
+            log.exception("denoising step failed")
+            oom, message = False, f"generation failed: {type(e).__name__}: {e}"
+        if oom:
+            self._on_oom(batch, jobs)
+        else:
+            self._fail_batch(GenerationError(500, message), jobs)
+        return False, None
 
     def _step(self) -> None:
         m, batch = self.metrics, len(self.engine)
         m.active.set(batch)
-        t0 = time.perf_counter()
-        try:
-            finished = self.engine.step()
-        except torch.OutOfMemoryError:
-            self._on_oom(batch)
+        self._timer.start()
+        ok, finished = self._device_work(self.engine.step)
+        if not ok:
             return
-        except Exception as e:  # a bug or device fault: fail this batch, keep serving
-            log.exception("denoising step failed")
-            self._fail_batch(GenerationError(500, f"generation failed: {type(e).__name__}: {e}"))
-            return
-        dt = time.perf_counter() - t0
-        self._step_s = dt if not self._step_s else 0.95 * self._step_s + 0.05 * dt
-        m.step_duration.observe(dt)
+        self._timer.stop()
+        for dt in self._timer.done():  # on CUDA: the steps the GPU has finished, read without waiting for it
+            self._step_s = dt if not self._step_s else 0.95 * self._step_s + 0.05 * dt
+            m.step_duration.observe(dt)
         m.batch_size.observe(batch)
         m.steps.inc()
         m.sample_steps.inc(batch)
-        if self.engine.device.type == "cuda":
-            m.gpu_memory.set(torch.cuda.memory_allocated(self.engine.device))
-        for job_id, index, image in finished:
-            job = self._active.get(job_id)
-            if job is None:
-                continue
-            job.images[index] = image
-            m.images.inc()
-            if len(job.images) == job.n:
-                job.finished_at = time.monotonic()
-                m.generation.observe(job.finished_at - job.started_at)
-                del self._active[job_id]
-                if not job.future.done():
-                    job.future.set_result(np.stack([job.images[i] for i in range(job.n)]))
-
-    def _fail_batch(self, error: GenerationError) -> None:
         with self._cond:
-            for job_id in list(self.engine.groups()):
-                self.engine.cancel(job_id)
-                job = self._active.pop(job_id, None)
-                if job is not None:
-                    if job in self._pending:
-                        self._pending.remove(job)
-                    self._fail(job, error)
+            for job_id, index, image in finished:
+                job = self._active.get(job_id)
+                if job is None:
+                    continue
+                job.images[index] = image
+                m.images.inc()
+                if len(job.images) == job.n:
+                    job.finished_at = time.monotonic()
+                    m.generation.observe(job.finished_at - job.started_at)
+                    del self._active[job_id]
+                    if not job.future.done():
+                        job.future.set_result(np.stack([job.images[i] for i in range(job.n)]))
 
-    def _on_oom(self, batch: int) -> None:
+    def _warm_up(self) -> None:
+        """One step at every batch size the scheduler can run (1..max_batch), on this thread: kernel selection
+        (cuDNN, the TorchScript profiler) happens here, not in the first requests. An OOM lowers the limit."""
+        for b in range(1, self.max_batch + 1):
+            self.engine.add("warmup", [SampleSpec(0, "ddim", 1)] * b)
+            try:
+                while len(self.engine):
+                    self.engine.step()
+            except torch.OutOfMemoryError:
+                oom = True
+            else:
+                oom = False
+            if oom:
+                self.engine.clear()
+                self._on_oom(b)
+                break
+
+    def _fail(self, job: Job, error: GenerationError) -> None:
+        if not job.future.done():
+            job.future.set_exception(error)
+
+    def _fail_batch(self, error: GenerationError, also: tuple[Job, ...] = ()) -> None:
+        """Fail every request with samples in the batch, and `also` (the rest of a request still queued goes too),
+        then empty the engine without touching the device."""
+        with self._cond:
+            ids = self.engine.groups() | {job.id for job in also}
+            jobs = [self._active.pop(g) for g in ids if g in self._active]
+            for job in jobs:
+                if job in self._pending:
+                    self._pending.remove(job)
+            self.metrics.queue_depth.set(len(self._pending))
+        for job in jobs:
+            self._fail(job, error)
+        self.engine.clear()
+
+    def _fail_all(self, error: GenerationError) -> None:
+        with self._cond:
+            jobs = list(self._pending) + list(self._active.values()) + [j for j, _, _ in self._cancel.values()]
+            self._pending.clear()
+            self._active.clear()
+            self._cancel.clear()
+            self.metrics.queue_depth.set(0)
+        for job in jobs:
+            self._fail(job, error)
+
+    def _on_oom(self, batch: int, also: tuple[Job, ...] = ()) -> None:
         self.metrics.oom.inc()
         new_limit = max(1, min(self.max_batch, batch) // 2)
         log.error("out of memory at batch %d: failing its requests, batch limit %d -> %d",
                   batch, self.max_batch, new_limit)
         self._fail_batch(GenerationError(503, f"out of GPU memory at batch size {batch}; the batch limit is now "
-                                              f"{new_limit}, retry", retry_after=1))
+                                              f"{new_limit}, retry", retry_after=1), also)
         self.max_batch = new_limit
         self.metrics.batch_limit.set(new_limit)
-        if self.engine.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.engine.release_cached_memory()
+
+    def _die(self, exc: BaseException) -> None:
+        log.critical("denoising worker failed: %s: %s; failing every request", type(exc).__name__, exc,
+                     exc_info=exc)
+        with self._cond:
+            self.fatal = exc
+            self._stop = True
+        self.metrics.active.set(0)
+        self._fail_all(GenerationError(503, f"the denoising worker failed ({type(exc).__name__}); the service "
+                                            "is restarting, retry", retry_after=10))
+        try:
+            self.engine.clear()
+        except Exception:  # nothing more to save
+            pass
+        if self.on_fatal is not None:
+            self.on_fatal(exc)

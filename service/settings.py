@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     request_timeout_s: float | None = Field(None, gt=0, description="default per-request deadline (none: no limit)")
     max_body_bytes: int = Field(4096, ge=256, description="larger request bodies get 413")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
-    channels_last: bool = True
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto", description="auto: channels_last on CPU, contiguous on CUDA (GroupNorm there returns NCHW)")
     runner: Literal["auto", "script", "eager"] = Field(
         "auto", description="auto: on CPU a frozen TorchScript U-Net run in one shard per thread; eager on CUDA")
     warmup: bool = True

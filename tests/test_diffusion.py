@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.diffusion import Diffusion, ScheduleConfig, cosine_betas
+from model.diffusion import Diffusion, ScheduleConfig, _build_table, cosine_betas
 from model.engine import SampleSpec, SamplerEngine, generate
 from model.noise import gaussian
 from model.unet import PRESETS, UNet, UNetConfig
@@ -54,7 +54,8 @@ def test_cosine_schedule():
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
     assert ab[499].item() == pytest.approx(f(500) / f(0), rel=1e-6)
     assert b.max().item() <= 0.999
-    Diffusion(ScheduleConfig(kind="cosine"))
+    d = Diffusion(ScheduleConfig(kind="cosine"))  # the schedule the config names is the one built
+    assert torch.equal(d.betas, b) and d.alphas_cumprod[499].item() == pytest.approx(f(500) / f(0), rel=1e-6)
     with pytest.raises(ValueError, match="unknown schedule"):
         ScheduleConfig.from_dict({"kind": "quadratic"})
 
@@ -97,7 +98,7 @@ def _ddpm_step_f64(x, eps, z, t):
 def test_one_reverse_step_matches_float64_formula():
     d = Diffusion()
     model = AffineEps()
-    engine = SamplerEngine(model, d, channels_last=False)
+    engine = SamplerEngine(model, d, memory_format="contiguous")
     engine.add("g", [SampleSpec(seed=11), SampleSpec(seed=12)])
     for _ in range(400):  # walk to t = 599
         engine.step()
@@ -109,13 +110,34 @@ def test_one_reverse_step_matches_float64_formula():
     assert np.allclose(engine.x.double().numpy(), _ddpm_step_f64(x, eps, z, t), rtol=1e-6, atol=1e-6)
 
 
+def test_one_respaced_ddpm_step_matches_float64_formula():
+    """ddpm with fewer than T steps, at an intermediate position: alpha' = alphabar_t / alphabar_next,
+    x_next = 1/sqrt(alpha') (x - (1 - alpha') / sqrt(1 - alphabar_t) eps) + sqrt(1 - alpha') z, from scratch."""
+    d = Diffusion()
+    model = AffineEps()
+    engine = SamplerEngine(model, d, memory_format="contiguous")
+    engine.add("g", [SampleSpec(seed=5, steps=50), SampleSpec(seed=6, steps=50)])
+    for _ in range(20):
+        engine.step()
+    taus = np.round(np.linspace(999, 0, 50)).astype(int)
+    t, t_next = taus[20], taus[21]
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    alpha = abar[t] / abar[t_next]
+    x = engine.x.double().numpy().copy()
+    eps = model(engine.x, torch.full((2,), float(t))).double().numpy()
+    z = gaussian(torch.tensor([5, 6]), torch.tensor([21, 21]), (3, 4, 4)).double().numpy()
+    engine.step()
+    expected = (x - (1 - alpha) / np.sqrt(1 - abar[t]) * eps) / np.sqrt(alpha) + np.sqrt(1 - alpha) * z
+    assert np.allclose(engine.x.double().numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_last_step_adds_no_noise():
     d = Diffusion()
     table = d.coefficients("ddpm", 1000)
     assert table[-1, 0] == 0 and table[-1, 3] == 0  # t = 0, sigma = 0
     assert (table[:-1, 3] > 0).all()
     model = AffineEps()
-    engine = SamplerEngine(model, d, channels_last=False)
+    engine = SamplerEngine(model, d, memory_format="contiguous")
     engine.add("g", [SampleSpec(seed=3)])
     for _ in range(999):
         engine.step()
@@ -142,7 +164,7 @@ def _ode_solution(d, mu, s, x_T):
 
 
 def _final_state(d, model, sampler, steps, seeds):
-    engine = SamplerEngine(model, d, channels_last=False)
+    engine = SamplerEngine(model, d, memory_format="contiguous")
     engine.add("g", [SampleSpec(seed=s, sampler=sampler, steps=steps) for s in seeds])
     x_T = engine.x.clone()
     for _ in range(steps - 1):
@@ -170,6 +192,26 @@ def test_ode_samplers_solve_the_probability_flow_ode_for_gaussian_data():
     assert errors["dpm-solver++", 20] < 0.008
     assert errors["dpm-solver++", 20] < errors["ddim", 50] / 3
     assert errors["dpm-solver++", 50] < errors["dpm-solver++", 20] / 3
+
+
+def test_log_snr_spacing_is_far_more_accurate_than_even_t_for_dpm_solver():
+    """The README's claim: DPM-Solver++(2M) at 20 steps on the Gaussian toy problem, log-SNR spacing against
+    evenly spaced t, run in float64 through the same tables the engine uses."""
+    d = Diffusion()
+    mu = torch.linspace(-0.5, 0.5, 48).view(1, 3, 4, 4).double()
+    model = ExactEps(d, mu, 0.5)
+    x_T = gaussian(torch.arange(8), torch.zeros(8, dtype=torch.int64), (3, 4, 4)).double()
+    target = _ode_solution(d, mu, 0.5, x_T)
+    errors = {}
+    for spacing in ("logsnr", "uniform"):
+        table = _build_table("dpm-solver++", d.timesteps(20, spacing), d.alphas_cumprod)
+        x, x0_prev = x_T.clone(), torch.zeros_like(x_T)
+        for t, a, b, _, dd, e, f in table.tolist():
+            eps = model(x, torch.full((8,), t)).double()
+            x, x0_prev = a * x + b * eps + dd * x0_prev, e * x + f * eps
+        errors[spacing] = (x - target).abs().mean().item()
+    # measured: mean absolute error 0.0052 (log-SNR) vs 0.093 (even t): 18x
+    assert errors["uniform"] / errors["logsnr"] > 12, errors
 
 
 def test_tiny_unet_1000_steps_deterministic_per_seed():

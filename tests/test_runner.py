@@ -1,5 +1,7 @@
 """The model runner computes what the module computes, at every batch size, without taking the process's threads."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,30 @@ def test_auto_mode_scripts_only_our_unet_on_cpu(unet):
     runner = ModelRunner(other, CPU, torch.float32)
     assert runner.mode == "eager" and runner.fn is other
     assert ModelRunner(unet, CPU, torch.float32, mode="eager").mode == "eager"
+
+
+def test_shards_run_at_once_on_the_pool(unet):
+    """A batch of 2+ is split into one shard per worker, each run on the pool's threads; batch 1 stays on the
+    caller's thread."""
+    runner = ModelRunner(unet, CPU, torch.float32, torch.channels_last, "script", workers=2)
+    calls, both_inside = [], threading.Barrier(2, timeout=10)
+    traced = runner.fn
+
+    def spy(x, t):
+        calls.append((threading.current_thread().name, x.shape[0]))
+        if x.shape[0] == 3 or x.shape[0] == 2:
+            both_inside.wait()  # both shards are running at the same time, or this times out
+        return traced(x, t)
+
+    runner.fn = spy
+    with torch.inference_mode():
+        out = runner(*_inputs(5))
+        assert out.shape == (5, 3, 8, 8)
+        assert sorted(n for _, n in calls) == [2, 3] and all(name.startswith("unet-shard") for name, _ in calls)
+        calls.clear()
+        runner(*_inputs(1))
+    assert calls == [(threading.current_thread().name, 1)]
+    runner.close()
 
 
 def test_bad_modes_are_refused(unet):

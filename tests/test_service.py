@@ -306,3 +306,134 @@ def test_sigterm_stops_admission_and_finishes_in_flight_work(tiny_weights):
         assert "Application shutdown complete" in proc.stdout.read()
     finally:
         proc.kill()
+
+
+def _drain_settings(tiny_weights, grace):
+    return Settings(weights=tiny_weights, max_batch=4, warmup=False, shutdown_grace_s=grace)
+
+
+def test_drain_in_process_refuses_new_work_and_finishes_in_flight_work(tiny_weights):
+    """The project's own drain (SIGTERM calls it), with the listener still open: /readyz 503, a new request 503
+    with Retry-After, the running request finishes; then work that outlives SHUTDOWN_GRACE_S gets 503."""
+    with running(_drain_settings(tiny_weights, 60)) as (url, app):
+        rt = app.state.runtime
+        with ThreadPoolExecutor(1) as ex:
+            inflight = ex.submit(post, url, {"n": 2, "seed": 1, "steps": 300})
+            while metric(url, "celeba_ddpm_active_samples") < 2:
+                time.sleep(0.02)
+            rt.drain()
+            assert httpx.get(url + "/readyz").status_code == 503
+            late = post(url, {"n": 1, "steps": 2, "sampler": "ddim"})
+            assert late.status_code == 503 and "shutting down" in late.json()["detail"]
+            assert int(late.headers["retry-after"]) >= 1
+            assert metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "shutting_down"}) == 1
+            r = inflight.result(timeout=120)
+            assert r.status_code == 200 and len(r.json()["images"]) == 2
+    with running(_drain_settings(tiny_weights, 0.3)) as (url, app):
+        with ThreadPoolExecutor(1) as ex:
+            inflight = ex.submit(post, url, {"n": 1, "seed": 1, "steps": 1000})
+            while metric(url, "celeba_ddpm_active_samples") < 1:
+                time.sleep(0.02)
+            app.state.runtime.drain()
+            r = inflight.result(timeout=60)
+            assert r.status_code == 503 and "shut down before this request finished" in r.json()["detail"]
+            assert "retry-after" in r.headers
+            assert metric(url, "celeba_ddpm_cancelled_requests_total", {"reason": "shutdown"}) == 1
+
+
+def _device_fault_on_requests(app):
+    """After warm-up, every step with a request in the batch hits a sticky CUDA error."""
+    engine = app.state.runtime.engine
+    real = engine.step
+
+    def step():
+        if any(isinstance(r.group, int) for r in engine.rows):
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return real()
+    engine.step = step
+
+
+def test_a_device_fault_answers_everyone_and_reports_not_ready_and_not_alive(tiny_weights):
+    with running(Settings(weights=tiny_weights, max_batch=1, warmup=False), app_hook=_device_fault_on_requests) \
+            as (url, _):
+        with ThreadPoolExecutor(2) as ex:
+            rs = list(ex.map(lambda s: post(url, {"n": 1, "seed": s, "steps": 50}), [1, 2]))
+        assert [r.status_code for r in rs] == [503, 503] and all("worker failed" in r.json()["detail"] for r in rs)
+        assert httpx.get(url + "/readyz").status_code == 503
+        assert httpx.get(url + "/healthz").status_code == 503
+        r = post(url, {"n": 1, "steps": 2, "sampler": "ddim"})
+        assert r.status_code == 503 and "retry-after" in r.headers
+
+
+FAULTY_SERVICE = """
+import sys, torch
+from model.engine import SamplerEngine
+real = SamplerEngine.step
+def step(self):
+    if any(isinstance(r.group, int) for r in self.rows):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    return real(self)
+SamplerEngine.step = step
+from service.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_process_exits_non_zero_after_a_device_fault_so_it_is_restarted(tiny_weights):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", FAULTY_SERVICE, "--weights", str(tiny_weights), "--host",
+                             "127.0.0.1", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        r = post(url, {"n": 1, "seed": 1, "steps": 20, "sampler": "ddim"})
+        assert r.status_code == 503
+        assert proc.wait(timeout=60) == 1
+        assert "error: the denoising worker failed: AcceleratorError" in proc.stdout.read()
+    finally:
+        proc.kill()
+
+
+def test_a_chunked_body_without_content_length_is_cut_off_at_the_limit(served):
+    url, _ = served
+    before = metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "body_too_large"})
+
+    def chunks():  # no Content-Length: httpx sends Transfer-Encoding: chunked
+        yield b'{"n": 1, "pad": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = httpx.post(url + "/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
+    assert r.status_code == 413 and "bytes" in r.json()["detail"]
+    assert metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "body_too_large"}) == before + 1
+
+
+def test_request_timeout_setting_is_the_default_deadline(tiny_weights):
+    with running(Settings(weights=tiny_weights, warmup=False, request_timeout_s=0.3)) as (url, _):
+        r = post(url, {"n": 1, "seed": 1, "steps": 1000})  # no deadline_s of its own
+        assert r.status_code == 504 and "deadline" in r.json()["detail"]
+        assert post(url, {"n": 1, "seed": 1, "steps": 2, "sampler": "ddim"}).status_code == 200
+
+
+def test_every_histogram_the_readme_lists_is_observed(served):
+    url, _ = served
+    assert post(url, {"n": 2, "seed": 3, "steps": 4, "sampler": "ddim"}).status_code == 200
+    readme = (ROOT / "README.md").read_text()
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+    histograms = [name for name, f in families.items() if f.type == "histogram"]
+    assert len(histograms) == 5
+    for name in histograms:
+        assert f"`{name.removeprefix('celeba_ddpm_')}`" in readme, name
+        count = sum(s.value for s in families[name].samples if s.name == name + "_count")
+        assert count > 0, f"{name} was never observed"
+
+
+def test_the_echoed_random_seed_reproduces_the_image(served):
+    url, _ = served
+    first = post(url, {"n": 2, "steps": 5, "sampler": "ddim"}).json()
+    again = post(url, {"n": 2, "steps": 5, "sampler": "ddim", "seed": first["seed"]}).json()
+    assert again["seed"] == first["seed"]
+    assert [im["png"] for im in again["images"]] == [im["png"] for im in first["images"]]

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.diffusion import ScheduleConfig
+from model.diffusion import ScheduleConfig, cosine_betas
 from model.unet import PRESETS, UNet, count_parameters
 from model.weights import FORMAT, WeightsError, file_sha256, load_weights, save_weights
 
@@ -29,6 +30,7 @@ def test_round_trip(tmp_path):
                  training={"command": "python -m train ..."})
     w = load_weights(path)
     assert w.unet.config == unet.config and w.diffusion.config.kind == "cosine"
+    assert torch.equal(w.diffusion.betas, cosine_betas(1000))  # the tables are cosine, not only the label
     assert w.metadata["training_steps"] == "12" and w.metadata["format"] == FORMAT and w.name == "rt"
     assert json.loads(w.metadata["training"])["command"].startswith("python -m train")
     assert w.sha256 == file_sha256(path)
@@ -43,6 +45,8 @@ def test_fp16_round_trip_is_close(tmp_path):
     unet = UNet(PRESETS["tiny"])
     save_weights(tmp_path / "h.safetensors", unet, ScheduleConfig(), name="h", dataset="d", training_steps=0,
                  dtype=torch.float16)
+    with safe_open(tmp_path / "h.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     w = load_weights(tmp_path / "h.safetensors")
     for k, v in unet.state_dict().items():
         assert torch.allclose(w.unet.state_dict()[k], v, rtol=1e-3, atol=1e-4)

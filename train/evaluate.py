@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from model.diffusion import SAMPLERS
-from model.engine import SamplerEngine, generate, pick_device, pick_dtype
+from model.device import pick_device, pick_dtype
+from model.engine import SamplerEngine, generate
 from model.images import grid, png_bytes
 from model.weights import WeightsError, load_weights
 

@@ -1,8 +1,11 @@
 """Train the DDPM U-Net: `python -m train --data PATH --preset NAME --out RUN_DIR [--steps N] [--resume]`.
 
 One process (CPU or one GPU) or many under torchrun (DistributedDataParallel; rank 0 logs and checkpoints).
-Every random draw of step s on rank r (batch order, flips, t, eps, dropout) comes from generators seeded by
-(seed, s, r), so `--resume` continues exactly: 20 steps + resume + 20 steps gives the weights of 40 straight.
+Every random draw of step s (batch order, flips, t, eps) is made for the whole global batch from generators seeded
+by (seed, s), each rank taking its slice, so the number of processes does not change what is trained (up to float
+summation order; dropout masks are drawn per rank, from (seed, s, rank)). `--resume` continues exactly on CPU:
+20 steps + resume + 20 steps gives the weights of 40 straight. On CUDA that holds within a tolerance (cuDNN
+picks kernels by shape, some backward kernels use atomics) unless `--deterministic` is given.
 
 RUN_DIR gets: ckpt.pt (weights, EMA, optimizer, step, RNG states; written atomically, loaded with
 weights_only=True), metrics.jsonl, samples/step_NNNNNN.png (EMA weights), and TensorBoard logs when installed.
@@ -26,7 +29,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model.diffusion import PREDICTIONS, SAMPLERS, Diffusion, ScheduleConfig
-from model.engine import SamplerEngine, generate, pick_device
+from model.device import pick_device, pick_memory_format
+from model.engine import SamplerEngine, generate
 from model.images import grid, png_bytes
 from model.unet import PRESETS, UNet, UNetConfig
 from model.weights import WeightsError, load_weights
@@ -64,9 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--time-budget", type=float, default=None, help="stop (and checkpoint) after this many seconds")
+    p.add_argument("--time-budget", type=float, default=None, help="stop (and checkpoint) after this many seconds, checked at log steps")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                   help="auto: channels_last on CPU, contiguous on CUDA (see model/device.py)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms: bitwise-repeatable runs on CUDA, slower")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -88,22 +96,41 @@ def _gen(device, *parts: int) -> torch.Generator:
     return g
 
 
-class ShardedOrder:
-    """Epoch-wise shuffled order over N images; step s on rank r takes its slice of the global batch."""
+def resolve_device(name: str, env=os.environ) -> torch.device:
+    """The training device, always with an index (torch.cuda.set_device and NCCL need one): under torchrun
+    'auto'/'cuda' is cuda:LOCAL_RANK, alone it is pick_device's choice (cuda:0 unless CUDA_VISIBLE_DEVICES says)."""
+    distributed = "RANK" in env and "WORLD_SIZE" in env
+    if distributed and name in ("auto", "cuda") and torch.cuda.is_available():
+        return pick_device(f"cuda:{int(env.get('LOCAL_RANK', 0))}")
+    return pick_device(name)
 
-    def __init__(self, n: int, seed: int, global_batch: int, rank: int, world: int):
+
+class ShardedOrder:
+    """Epoch-wise shuffled order over N images; step s on rank r takes its slice of the global batch.
+    The permutations live on `device`, so a step's indices are slices of them: no host-device copy per step."""
+
+    def __init__(self, n: int, seed: int, global_batch: int, rank: int, world: int, device="cpu"):
         self.n, self.seed, self.gb, self.rank, self.world = n, seed, global_batch, rank, world
+        self.device = torch.device(device)
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=_gen("cpu", self.seed, epoch, -1))}
+            if len(self._perms) > 2:  # a step spans at most a few epochs: keep the recent ones
+                self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            perm = torch.randperm(self.n, generator=_gen("cpu", self.seed, epoch, -1))
+            self._perms[epoch] = perm.to(self.device)
         return self._perms[epoch]
 
     def indices(self, step: int) -> torch.Tensor:
         per_rank = self.gb // self.world
-        pos = step * self.gb + self.rank * per_rank + torch.arange(per_rank)
-        return torch.stack([self._perm(int(p) // self.n)[int(p) % self.n] for p in pos])
+        first = step * self.gb + self.rank * per_rank  # global positions first .. first + per_rank - 1
+        end = first + per_rank
+        parts = []
+        for epoch in range(first // self.n, (end - 1) // self.n + 1):
+            lo, hi = max(first, epoch * self.n), min(end, (epoch + 1) * self.n)
+            parts.append(self._perm(epoch)[lo - epoch * self.n:hi - epoch * self.n])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def lr_at(step: int, a) -> float:
@@ -118,8 +145,7 @@ def lr_at(step: int, a) -> float:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
     d = min(decay, (1 + step) / (10 + step))  # warm-up: average quickly at first
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach().float(), 1 - d)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach().float() for p in model.parameters()], 1 - d)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 
@@ -138,14 +164,22 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    if a.device == "auto" and distributed and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = pick_device(a.device)
+    try:
+        device = resolve_device(a.device)
+        memory_format = pick_memory_format(a.memory_format, device)
+    except ValueError as e:
+        raise SystemExit(f"error: --device: {e}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if a.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable results
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)  # binds the process group to this GPU at once
+        else:
+            dist.init_process_group("gloo")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.batch_size % world:
@@ -185,9 +219,10 @@ def main(argv=None) -> int:
 
     diffusion = Diffusion(schedule)
     torch.manual_seed(a.seed)
-    model = UNet(cfg).to(device).to(memory_format=torch.channels_last)
+    model = UNet(cfg).to(device).to(memory_format=memory_format)
     ema = copy.deepcopy(model).float().eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), weight_decay=a.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.999), weight_decay=a.weight_decay,
+                            fused=device.type == "cuda")  # one kernel for all parameters on CUDA
     if init is not None:
         model.load_state_dict(init.unet.state_dict())
         ema.load_state_dict(init.unet.state_dict())
@@ -201,8 +236,10 @@ def main(argv=None) -> int:
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     fwd = torch.compile(net) if a.compile else net
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    order = ShardedOrder(len(data.names), a.seed, a.batch_size, rank, world)
     images = data.images.to(device) if device.type == "cuda" else data.images
+    order = ShardedOrder(len(data.names), a.seed, a.batch_size, rank, world, images.device)
+    per_rank = a.batch_size // world
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's part of each global-batch draw
 
     command = "python -m train " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     meta = {"command": command, "data": str(a.data), "range": a.range_, "images": len(data.names),
@@ -247,14 +284,15 @@ def main(argv=None) -> int:
     step = start_step
     net.train()
     while step < a.steps:
-        g = _gen(device, a.seed, step, rank)
+        # the draws for the whole global batch, from (seed, step): the same images whatever the world size
+        g = _gen(device, a.seed, step)
         torch.manual_seed(derive_seed(a.seed, step, rank, 1))  # dropout draws
-        idx = order.indices(step).to(images.device)
-        x0 = to_model_range(images[idx])
-        flip = torch.rand(x0.shape[0], device=device, generator=g) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, diffusion.T, (x0.shape[0],), device=device, generator=g)
-        eps = torch.randn(x0.shape, device=device, generator=g)
+        x0 = to_model_range(images[order.indices(step)])
+        global_shape = (a.batch_size, *x0.shape[1:])
+        flip = (torch.rand(a.batch_size, device=device, generator=g) < 0.5)[mine]
+        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=memory_format)
+        t = torch.randint(0, diffusion.T, (a.batch_size,), device=device, generator=g)[mine]
+        eps = torch.randn(global_shape, device=device, generator=g)[mine]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, a)
         with amp:
@@ -288,11 +326,13 @@ def main(argv=None) -> int:
                     tb.add_scalar("lr", rec["lr"], step)
             loss_acc.zero_()
             loss_n, last_t, last_step = 0, now, step
-        out_of_time = a.time_budget is not None and time.time() - t0 > a.time_budget
-        if distributed:  # every rank must agree to stop together
-            flag = torch.tensor([float(out_of_time)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
+        out_of_time = False
+        if a.time_budget is not None and (step % a.log_every == 0 or step == a.steps):  # DDP: a sync, so rarely
+            out_of_time = time.time() - t0 > a.time_budget
+            if distributed:  # every rank must agree to stop together
+                flag = torch.tensor([float(out_of_time)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
         if is_main and (step % a.sample_every == 0 or step == a.steps or out_of_time):
             sample_grid(step)
         if is_main and (step % a.ckpt_every == 0 or step == a.steps or out_of_time):

@@ -1,0 +1,112 @@
+"""The sampler engine's contracts: which noise each step uses, and that a failed step can be retried."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import model.engine as engine_module
+from model.diffusion import Diffusion
+from model.engine import SampleSpec, SamplerEngine
+from model.noise import gaussian
+from model.unet import PRESETS, UNet, UNetConfig
+
+
+class ZeroEps(nn.Module):
+    """eps_theta = 0: a ddpm step is then x_next = a x + c z, which exposes the z it used."""
+
+    def __init__(self, size: int = 4):
+        super().__init__()
+        self.config = UNetConfig(image_size=size, base_channels=8, channel_mult=(1,), num_groups=8)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+def test_noise_index_contract():
+    """x_T is noise index 0 of the sample's seed and the z of its k-th step is index k + 1, whenever it joined,
+    across the engine's refills of its noise buffer (3 steps per refill here)."""
+    d = Diffusion()
+    table = d.coefficients("ddpm", 1000).double()
+    shape = (3, 4, 4)
+    engine = SamplerEngine(ZeroEps(), d, memory_format="contiguous", noise_chunk_elems=3 * 2 * 48)
+    engine.add("a", [SampleSpec(5), SampleSpec(2**40 + 3)])
+    seeds = {0: 5, 1: 2**40 + 3}
+    assert torch.equal(engine.x, gaussian(torch.tensor([5, 2**40 + 3]), torch.zeros(2, dtype=torch.int64), shape))
+    for k in range(12):
+        if k == 4:  # a late joiner starts at its own step 0 in a batch at step 4
+            engine.add("b", [SampleSpec(77)])
+            seeds[2] = 77
+            assert torch.equal(engine.x[2], gaussian(torch.tensor([77]), torch.tensor([0]), shape)[0])
+        x = engine.x.double().clone()
+        positions = engine.pos.tolist()
+        engine.step()
+        for row, pos in enumerate(positions):
+            a, c = table[pos, 1], table[pos, 3]
+            z = gaussian(torch.tensor([seeds[row]]), torch.tensor([pos + 1]), shape)[0].double()
+            torch.testing.assert_close(engine.x[row].double() - a * x[row], c * z, rtol=0, atol=2e-6)
+
+
+class Fault(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("where", ["forward", "after_noise", "finishing"])
+def test_a_step_that_fails_can_be_retried_and_gives_the_uninterrupted_images(where, monkeypatch):
+    """An error in step k (a CUDA OOM, say), then a retry of step k: the same images as a run without the error.
+    'after_noise' fails after the step drew its noise from a fresh refill; 'finishing' fails while handing out
+    the finished images."""
+    torch.manual_seed(0)
+    unet, d = UNet(PRESETS["tiny"]), Diffusion()
+    specs = [SampleSpec(1), SampleSpec(2, "dpm-solver++", 6), SampleSpec(3, "ddim", 9)]
+
+    def run(fail_at: int | None):
+        engine = SamplerEngine(unet, d, noise_chunk_elems=3 * 3 * 192)  # refills every 3 steps
+        engine.add("g", specs[:2])
+        engine.add("h", specs[2:])
+        state = {"k": 0, "failed": False}
+
+        def should_fail():
+            if state["k"] == fail_at and not state["failed"]:
+                state["failed"] = True
+                raise Fault(f"injected at step {fail_at}")
+
+        if where == "forward":
+            real_runner = engine.runner
+            engine.runner = lambda x, t: (should_fail(), real_runner(x, t))[1]
+        elif where == "after_noise":
+            real_noise = engine._noise
+            engine._noise = lambda: (real_noise(), should_fail())[0]
+        else:
+            real_to_uint8 = engine_module.to_uint8
+            monkeypatch.setattr(engine_module, "to_uint8", lambda x: (should_fail(), real_to_uint8(x))[1])
+        out = {}
+        while len(engine):
+            try:
+                finished = engine.step()
+            except Fault:
+                continue  # retry the same step
+            for group, index, img in finished:
+                out[group, index] = img
+            state["k"] += 1
+        assert state["failed"] == (fail_at is not None)
+        return out
+
+    reference = run(None)
+    fail_at = {"forward": 3, "after_noise": 6, "finishing": 5}[where]  # 6: a refill; 5: dpm-solver++ ends
+    retried = run(fail_at)
+    assert sorted(retried) == sorted(reference) == [("g", 0), ("g", 1), ("h", 0)]
+    for key in reference:
+        assert np.array_equal(retried[key], reference[key]), key
+
+
+def test_clear_empties_the_batch_without_device_work():
+    torch.manual_seed(0)
+    engine = SamplerEngine(UNet(PRESETS["tiny"]), Diffusion())
+    engine.add("g", [SampleSpec(1), SampleSpec(2)])
+    engine.step()
+    engine.clear()
+    assert len(engine) == 0 and engine.x.shape[0] == 0 and engine.groups() == set()
+    engine.add("h", [SampleSpec(3, "ddim", 2)])
+    assert len(engine.step()) == 0 and [g for g, _, _ in engine.step()] == ["h"]
