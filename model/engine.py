@@ -31,6 +31,7 @@ class SampleSpec:
     seed: int
     sampler: str = "ddpm"
     steps: int = 1000
+    preview_every: int = 0  # > 0: report the x0 estimate after every k-th step (and after the last)
 
 
 @dataclass
@@ -39,7 +40,16 @@ class _Row:
     index: int
     sampler: str
     steps: int
+    preview_every: int = 0
     pos: int = 0
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: (group, index, HxWxC uint8 image) of the samples that finished, and
+    (group, index, step, HxWxC uint8 x0 estimate) of the samples that asked for a preview at this step."""
+    finished: list[tuple[Hashable, int, np.ndarray]]
+    previews: list[tuple[Hashable, int, int, np.ndarray]]
 
 
 class SamplerEngine:
@@ -112,7 +122,7 @@ class SamplerEngine:
         offset = torch.cat([self.offset, self._to_device(offsets)])
         # commit (nothing below can fail)
         self.x, self.x0_prev, self.seeds, self.pos, self.offset = x, x0_prev, seeds, pos, offset
-        self.rows += [_Row(group, first_index + i, s.sampler, s.steps) for i, s in enumerate(specs)]
+        self.rows += [_Row(group, first_index + i, s.sampler, s.steps, s.preview_every) for i, s in enumerate(specs)]
         self._count_kinds()
         self._z = None  # refilled for all rows at the next step
 
@@ -175,10 +185,10 @@ class SamplerEngine:
         return gaussian(self.seeds.repeat_interleave(chunk), idx, self.shape).view(b, chunk, *self.shape), 0
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Hashable, int, np.ndarray]]:
-        """Advance every sample one step; return (group, index, HxWxC uint8 image) for those that finished."""
+    def step(self) -> StepOutput:
+        """Advance every sample one step; return the finished images and the previews asked for."""
         if not self.rows:
-            return []
+            return StepOutput([], [])
         coef = self._table[self.offset + self.pos]
         t = coef[:, 0]
         a, b, c, d, e, f = (coef[:, i].view(-1, 1, 1, 1) for i in range(1, 7))
@@ -199,12 +209,20 @@ class SamplerEngine:
         if finished:
             images = to_uint8(x[finished]).cpu().numpy()
             done = [(self.rows[i].group, self.rows[i].index, img) for i, img in zip(finished, images)]
+        previews = []
+        want = [i for i, r in enumerate(self.rows)
+                if r.preview_every and ((r.pos + 1) % r.preview_every == 0 or r.pos + 1 == r.steps)]
+        if want:  # the x0 estimate, only for the rows that asked, only at their preview steps
+            x0_hat = x0_prev[want] if self._multistep else e[want] * self.x[want] + f[want] * out[want]
+            images = to_uint8(x0_hat).cpu().numpy()
+            previews = [(self.rows[i].group, self.rows[i].index, self.rows[i].pos + 1, img)
+                        for i, img in zip(want, images)]
         state = {"x": x, "x0_prev": x0_prev, "seeds": self.seeds, "pos": pos, "offset": self.offset}
         gone = set(finished)
         self._keep([i for i in range(len(self.rows)) if i not in gone], state, z, zcol + 1)  # commit the step
         for r in self.rows:
             r.pos += 1
-        return done
+        return StepOutput(done, previews)
 
 
 def generate(engine: SamplerEngine, seeds: list[int], sampler: str = "ddpm", steps: int = 1000,
@@ -215,7 +233,7 @@ def generate(engine: SamplerEngine, seeds: list[int], sampler: str = "ddpm", ste
         chunk = seeds[start:start + batch_size]
         engine.add(start, [SampleSpec(s, sampler, steps) for s in chunk])
         while len(engine):
-            for _, index, img in engine.step():
+            for _, index, img in engine.step().finished:
                 out[start + index] = img
             if progress is not None:
                 progress.update(len(chunk))

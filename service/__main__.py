@@ -23,18 +23,20 @@ from .settings import Settings  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service", description=__doc__)
-    flags = {"weights": str, "device": str, "dtype": str, "max_batch": int, "max_n": int, "queue_size": int,
-             "api_key": str, "request_timeout_s": float, "threads": int, "runner": str, "memory_format": str,
-             "shutdown_grace_s": float, "host": str, "port": int}
-    for name, typ in flags.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
-                       help=f"(env CELEBA_DDPM_{name.upper()})")
+    p = argparse.ArgumentParser(prog="python -m service", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, field in Settings.model_fields.items():  # one flag per setting, described where it is defined
+        default = field.default.get_secret_value() if hasattr(field.default, "get_secret_value") else field.default
+        shown = "unset" if default is None else default
+        p.add_argument("--" + name.replace("_", "-"), default=None, metavar=name.upper(),
+                       help=f"{field.description or ''} (env CELEBA_DDPM_{name.upper()}; default: {shown})")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = Settings(**{k: v for k, v in vars(a).items() if k in flags and v is not None})
+        given = {k: v for k, v in vars(a).items() if k in Settings.model_fields and v is not None}
+        settings = Settings(**given)
+        settings.keys()  # a missing keys file is a bad setting, said now
     except ValueError as e:
         print(f"error: bad setting: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -35,17 +36,21 @@ class Event:
 class JobRecord:
     """A job as the API sees it. Created and read on the event loop."""
 
-    def __init__(self, job: Job, owner: str | None, loop: asyncio.AbstractEventLoop, kind: str = "job",
-                 idempotency_key: str | None = None):
+    def __init__(self, job: Job, owner: str | None, kind: str = "job", idempotency_key: str | None = None,
+                 on_end: Callable[["JobRecord"], None] | None = None):
+        """kind: 'job' (a /v1/jobs handle) or 'request' (/generate, /v1/images/generations: no handle).
+        on_end: called on the event loop when the job ends. Create on the event loop."""
         self.id = secrets.token_urlsafe(16)  # unguessable: knowing an id is not enough without the owner's key
-        self.job, self.owner, self.loop, self.kind = job, owner, loop, kind
+        self.job, self.owner, self.kind, self.on_end = job, owner, kind, on_end
+        self.loop = asyncio.get_running_loop()
         self.idempotency_key = idempotency_key
         self.created = time.time()
         self.expires_at: float | None = None  # monotonic; set when the job ends
         self.previews: dict[int, tuple[int, np.ndarray]] = {}  # image index -> (step, pixels), the latest
         self.subscribers: set[asyncio.Queue] = set()
-        self.queue_position: int | None = None
+        self.pngs: list[bytes] | None = None  # the final images, PNG-encoded once
         self._last_progress = 0.0
+        self._state = "queued"  # as far as the event loop has heard: what streams and GET report
         self.done = asyncio.Event()
         job.listener = self._from_worker
 
@@ -62,8 +67,14 @@ class JobRecord:
             if now - self._last_progress < PROGRESS_EVERY_S:
                 return
             self._last_progress = now
+        if kind == "running":
+            self._state = "running"
         if kind in TERMINAL:
+            self._state = kind
+            kind = "completed" if kind == "succeeded" else kind
             self.done.set()
+            if self.on_end is not None:
+                self.on_end(self)
         self._send(self.event(kind, data, image))
 
     def _send(self, event: Event) -> None:
@@ -77,7 +88,7 @@ class JobRecord:
     # ---- what the API reads ------------------------------------------------------------------------------------
     @property
     def state(self) -> str:
-        return self.job.state
+        return self._state
 
     def event(self, kind: str, data: dict | None = None, image: np.ndarray | None = None) -> Event:
         data = dict(data or {})
@@ -86,7 +97,7 @@ class JobRecord:
             data.setdefault("steps", self.job.steps * self.job.n)
             data.setdefault("eta_s", self.eta_s())
         if kind == "queued":
-            data.setdefault("queue_position", self.queue_position)
+            data.setdefault("queue_position", self.job.position)
         if kind in ("failed", "cancelled") and self.job.error is not None:
             data.setdefault("reason", self.job.error.reason)
             data.setdefault("detail", self.job.error.message)
@@ -107,7 +118,7 @@ class JobRecord:
         events = [self.event("running"), self.event("progress")]
         events += [Event("preview", {"index": i, "step": s}, img) for i, (s, img) in sorted(self.previews.items())]
         if state in TERMINAL:
-            events.append(self.event(state if state != "succeeded" else "completed"))
+            events.append(self.event("completed" if state == "succeeded" else state))
         return events
 
     def subscribe(self) -> asyncio.Queue:
@@ -189,10 +200,3 @@ class JobStore:
         self.sweep()
         job_id = self._idempotency.get((owner, key))
         return self._jobs.get(job_id) if job_id is not None else None
-
-    def queue_positions(self, pending: list[Job]) -> None:
-        by_job = {id(r.job): r for r in self._jobs.values()}
-        for position, job in enumerate(pending):
-            record = by_job.get(id(job))
-            if record is not None:
-                record.queue_position = position

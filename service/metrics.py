@@ -42,3 +42,7 @@ class Metrics:
         self.gpu_memory = Gauge(p + "gpu_memory_allocated_bytes", "GPU memory allocated by torch (0 on CPU)",
                                 registry=r)
         self.model = Info(p + "model", "The served model", registry=r)
+        self.jobs = Gauge(p + "jobs", "Jobs in the store by state (queued, running, and finished ones not yet expired)",
+                          ["state"], registry=r)
+        self.event_streams = Gauge(p + "open_event_streams", "Open Server-Sent Event streams of jobs", registry=r)
+        self.previews = Counter(p + "previews_sent", "Preview images sent on event streams", registry=r)

@@ -14,8 +14,9 @@ from model.device import DTYPE_NAMES, pick_device, pick_dtype
 from model.engine import SamplerEngine
 from model.weights import LoadedWeights, load_weights
 
+from .jobs import JobStore
 from .metrics import Metrics
-from .scheduler import Scheduler
+from .scheduler import STATES, Scheduler
 from .settings import Settings
 
 log = logging.getLogger("celeba_ddpm.service")
@@ -28,6 +29,7 @@ class Runtime:
     engine: SamplerEngine
     scheduler: Scheduler
     metrics: Metrics
+    store: JobStore
     ready: bool = False
 
     def drain(self, grace_s: float | None = None) -> threading.Thread:
@@ -66,5 +68,8 @@ def build_runtime(settings: Settings, weights: LoadedWeights | None = None,
 
     scheduler = Scheduler(engine, metrics, settings.max_batch, settings.queue_size, warm_up=settings.warmup,
                           on_fatal=fatal)
-    rt = Runtime(settings, weights, engine, scheduler, metrics)
+    store = JobStore(settings.max_jobs, settings.job_ttl_s)
+    for state in STATES:
+        metrics.jobs.labels(state).set_function(lambda state=state: store.count(state))  # at scrape time
+    rt = Runtime(settings, weights, engine, scheduler, metrics, store)
     return rt

@@ -37,31 +37,64 @@ from .metrics import Metrics
 log = logging.getLogger("celeba_ddpm.scheduler")
 
 
-class GenerationError(Exception):
-    """A request that could not be served; `status` is the HTTP status to answer with."""
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+CANCELLED = ("cancelled", "disconnect", "server_cancelled")  # reasons that end a job as cancelled, not failed
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None, reason: str = "error"):
+
+class JobError(Exception):
+    """Why a job was refused or ended without its images. `reason` is a word the API maps to an HTTP status
+    (service/app.py); `retry_after` (seconds) where trying again later can work.
+    Refused: queue_full, store_full, shutting_down, worker_failed. Ended: deadline, shutdown (past the drain's
+    grace), oom, failed (an error in a step), worker_failed, and, as cancelled: cancelled (DELETE), disconnect,
+    server_cancelled."""
+
+    def __init__(self, reason: str, message: str, retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.message, self.retry_after, self.reason = status, message, retry_after, reason
+        self.reason, self.message, self.retry_after = reason, message, retry_after
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: compared and hashed by identity
 class Job:
+    """One request: n images, seeds seed..seed+n-1. The scheduler sets state, steps_done, position and error, and
+    reports to `listener(kind, **data)` from the denoising thread: queued (queue_position), running, progress,
+    preview (index, step, image), then succeeded, failed or cancelled."""
     seed: int
     n: int
     sampler: str
     steps: int
     deadline: float | None = None  # time.monotonic() by which it must finish
+    preview_every: int = 0
+    listener: Callable[..., None] | None = None
     id: int = field(default_factory=itertools.count().__next__)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    state: str = "queued"
+    position: int | None = None  # place in the queue while queued
+    error: JobError | None = None
     admitted: int = 0
+    steps_done: list[int] = field(default_factory=list)  # per image
+    step_s: float = 0.0  # the batch's recent step time, for ETAs
     images: dict[int, np.ndarray] = field(default_factory=dict)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     finished_at: float | None = None
 
+    def __post_init__(self) -> None:
+        self.steps_done = [0] * self.n
+
     def specs(self, start: int, count: int) -> list[SampleSpec]:
-        return [SampleSpec(self.seed + i, self.sampler, self.steps) for i in range(start, start + count)]
+        return [SampleSpec(self.seed + i, self.sampler, self.steps, self.preview_every)
+                for i in range(start, start + count)]
+
+    def steps_done_total(self) -> int:
+        return sum(self.steps_done)
+
+    def notify(self, kind: str, **data) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(kind, **data)
+            except Exception:  # a listener's bug must not stop the denoising thread
+                log.exception("job listener failed")
 
 
 class Scheduler:
@@ -72,7 +105,7 @@ class Scheduler:
         self.warm_up, self.on_fatal = warm_up, on_fatal
         self._pending: deque[Job] = deque()
         self._active: dict[int, Job] = {}
-        self._cancel: dict[int, tuple[Job, GenerationError, str]] = {}
+        self._cancel: dict[int, tuple[Job, JobError]] = {}
         self._cond = threading.Condition()
         self._stop = False
         self.draining = False
@@ -100,23 +133,25 @@ class Scheduler:
     def submit(self, job: Job) -> concurrent.futures.Future:
         with self._cond:
             if self.fatal is not None:
-                raise GenerationError(503, "the denoising worker failed; the service is restarting", retry_after=10,
-                                      reason="worker_failed")
+                raise JobError("worker_failed", "the denoising worker failed; the service is restarting",
+                               retry_after=10)
             if self.draining:
-                raise GenerationError(503, "the service is shutting down", retry_after=5, reason="shutting_down")
+                raise JobError("shutting_down", "the service is shutting down", retry_after=5)
             if len(self._pending) >= self.queue_size:
-                raise GenerationError(503, f"queue full ({self.queue_size} requests waiting); retry later",
-                                      retry_after=max(1, int(self.estimate_wait_s())), reason="queue_full")
+                raise JobError("queue_full", f"queue full ({self.queue_size} requests waiting); retry later",
+                               retry_after=max(1, int(self.estimate_wait_s())))
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
+            job.position = len(self._pending) - 1
+            job.notify("queued", queue_position=job.position)
             self._cond.notify()
         return job.future
 
-    def cancel(self, job: Job, error: GenerationError, reason: str) -> None:
+    def cancel(self, job: Job, error: JobError) -> None:
         """Drop a job's samples (waiting or running) before the next step; its future fails with `error`."""
         with self._cond:
             if not job.future.done():
-                self._cancel[job.id] = (job, error, reason)
+                self._cancel[job.id] = (job, error)
                 self._cond.notify()
 
     def estimate_wait_s(self) -> float:
@@ -149,9 +184,9 @@ class Scheduler:
                     break
             time.sleep(0.05)
         with self._cond:
-            err = GenerationError(503, "the service shut down before this request finished", retry_after=5)
+            err = JobError("shutdown", "the service shut down before this request finished", retry_after=5)
             for job in list(self._pending) + list(self._active.values()):
-                self._cancel[job.id] = (job, err, "shutdown")
+                self._cancel[job.id] = (job, err)
             self._stop = True
             self._cond.notify()
         if self._thread.is_alive():
@@ -177,10 +212,10 @@ class Scheduler:
         with self._cond:
             cancels = self._take_cancellations()
             stop = self._stop
-        for job, error, reason in cancels:
+        for job, error in cancels:
             self._fail(job, error)  # answer first, then touch the device
             self.engine.cancel(job.id)
-            self.metrics.cancelled.labels(reason).inc()
+            self.metrics.cancelled.labels(error.reason).inc()
         if stop:
             return False
         with self._cond:
@@ -195,23 +230,30 @@ class Scheduler:
             self._step()
         return True
 
-    def _take_cancellations(self) -> list[tuple[Job, GenerationError, str]]:
+    def _take_cancellations(self) -> list[tuple[Job, JobError]]:
         """Under the lock: deadlines, then every requested cancellation, out of the queue and the job table."""
         now = time.monotonic()
         for job in list(self._pending) + list(self._active.values()):
             if job.deadline is not None and now > job.deadline and job.id not in self._cancel:
-                self._cancel[job.id] = (job, GenerationError(504, "request deadline passed before it finished"),
-                                        "deadline")
+                self._cancel[job.id] = (job, JobError("deadline", "request deadline passed before it finished"))
         out = []
-        for job_id, (job, error, reason) in self._cancel.items():
+        for job_id, (job, error) in self._cancel.items():
             if job in self._pending:
                 self._pending.remove(job)
             self._active.pop(job_id, None)
             if not job.future.done():
-                out.append((job, error, reason))
+                out.append((job, error))
         self._cancel.clear()
-        self.metrics.queue_depth.set(len(self._pending))
+        self._queue_changed()
         return out
+
+    def _queue_changed(self) -> None:
+        """Under the lock: the queue depth metric, and each waiting job's new place in the queue."""
+        self.metrics.queue_depth.set(len(self._pending))
+        for position, job in enumerate(self._pending):
+            if job.admitted == 0 and job.position != position:
+                job.position = position
+                job.notify("queued", queue_position=position)
 
     def _plan_admissions(self) -> list[tuple[Job, int, int]]:
         """Under the lock: (job, first index, count) to add, FIFO, at most max_batch rows in the engine."""
@@ -223,13 +265,16 @@ class Scheduler:
             admits.append((job, job.admitted, k))
             if job.admitted == 0:
                 job.started_at = time.monotonic()
+                job.state, job.position = "running", None
                 self.metrics.queue_wait.observe(job.started_at - job.enqueued_at)
                 self._active[job.id] = job
+                job.notify("running")
             job.admitted += k
             room -= k
             if job.admitted == job.n:
                 self._pending.popleft()
-        self.metrics.queue_depth.set(len(self._pending))
+        if admits:
+            self._queue_changed()
         return admits
 
     def _add(self, admits: list[tuple[Job, int, int]]) -> None:
@@ -255,14 +300,14 @@ class Scheduler:
         if oom:
             self._on_oom(batch, jobs)
         else:
-            self._fail_batch(GenerationError(500, message), jobs)
+            self._fail_batch(JobError("failed", message), jobs)
         return False, None
 
     def _step(self) -> None:
         m, batch = self.metrics, len(self.engine)
         m.active.set(batch)
         self._timer.start()
-        ok, finished = self._device_work(self.engine.step)
+        ok, out = self._device_work(self.engine.step)
         if not ok:
             return
         self._timer.stop()
@@ -273,18 +318,32 @@ class Scheduler:
         m.steps.inc()
         m.sample_steps.inc(batch)
         with self._cond:
-            for job_id, index, image in finished:
+            for row in self.engine.rows:
+                job = self._active.get(row.group)
+                if job is not None:
+                    job.steps_done[row.index] = row.pos
+            for job_id, index, step, image in out.previews:
+                job = self._active.get(job_id)
+                if job is not None:
+                    job.notify("preview", index=index, step=step, image=image)
+            for job_id, index, image in out.finished:
                 job = self._active.get(job_id)
                 if job is None:
                     continue
                 job.images[index] = image
+                job.steps_done[index] = job.steps
                 m.images.inc()
                 if len(job.images) == job.n:
                     job.finished_at = time.monotonic()
                     m.generation.observe(job.finished_at - job.started_at)
                     del self._active[job_id]
                     if not job.future.done():
+                        job.state = "succeeded"
                         job.future.set_result(np.stack([job.images[i] for i in range(job.n)]))
+                        job.notify("succeeded")
+            for job in {self._active[r.group] for r in self.engine.rows if r.group in self._active}:
+                job.step_s = self._step_s
+                job.notify("progress")
 
     def _warm_up(self) -> None:
         """One step at every batch size the scheduler can run (1..max_batch), on this thread: kernel selection
@@ -303,11 +362,13 @@ class Scheduler:
                 self._on_oom(b)
                 break
 
-    def _fail(self, job: Job, error: GenerationError) -> None:
+    def _fail(self, job: Job, error: JobError) -> None:
         if not job.future.done():
+            job.state, job.error, job.position = ("cancelled" if error.reason in CANCELLED else "failed"), error, None
             job.future.set_exception(error)
+            job.notify(job.state)
 
-    def _fail_batch(self, error: GenerationError, also: tuple[Job, ...] = ()) -> None:
+    def _fail_batch(self, error: JobError, also: tuple[Job, ...] = ()) -> None:
         """Fail every request with samples in the batch, and `also` (the rest of a request still queued goes too),
         then empty the engine without touching the device."""
         with self._cond:
@@ -321,9 +382,9 @@ class Scheduler:
             self._fail(job, error)
         self.engine.clear()
 
-    def _fail_all(self, error: GenerationError) -> None:
+    def _fail_all(self, error: JobError) -> None:
         with self._cond:
-            jobs = list(self._pending) + list(self._active.values()) + [j for j, _, _ in self._cancel.values()]
+            jobs = list(self._pending) + list(self._active.values()) + [j for j, _ in self._cancel.values()]
             self._pending.clear()
             self._active.clear()
             self._cancel.clear()
@@ -336,8 +397,8 @@ class Scheduler:
         new_limit = max(1, min(self.max_batch, batch) // 2)
         log.error("out of memory at batch %d: failing its requests, batch limit %d -> %d",
                   batch, self.max_batch, new_limit)
-        self._fail_batch(GenerationError(503, f"out of GPU memory at batch size {batch}; the batch limit is now "
-                                              f"{new_limit}, retry", retry_after=1), also)
+        self._fail_batch(JobError("oom", f"out of GPU memory at batch size {batch}; the batch limit is now "
+                                         f"{new_limit}, retry", retry_after=1), also)
         self.max_batch = new_limit
         self.metrics.batch_limit.set(new_limit)
         self.engine.release_cached_memory()
@@ -349,8 +410,8 @@ class Scheduler:
             self.fatal = exc
             self._stop = True
         self.metrics.active.set(0)
-        self._fail_all(GenerationError(503, f"the denoising worker failed ({type(exc).__name__}); the service "
-                                            "is restarting, retry", retry_after=10))
+        self._fail_all(JobError("worker_failed", f"the denoising worker failed ({type(exc).__name__}); the "
+                                "service is restarting, retry", retry_after=10))
         try:
             self.engine.clear()
         except Exception:  # nothing more to save

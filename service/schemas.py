@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
@@ -20,6 +20,54 @@ class GenerateRequest(BaseModel):
     sampler: Literal["ddpm", "ddim", "dpm-solver++"] = Field("ddpm", description="reverse-process sampler")
     deadline_s: StrictFloat | StrictInt | None = Field(
         None, gt=0, le=3600, description="give up (504) if the images are not done within this many seconds")
+
+
+MAX_PREVIEWS = 100  # per image of a job
+
+
+class JobRequest(GenerateRequest):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"n": 4, "seed": 7, "preview_every": 50},
+                     {"n": 1, "seed": 42, "sampler": "dpm-solver++", "steps": 25, "preview_every": 5}]})
+
+    preview_every: StrictInt = Field(0, ge=0, le=1000, description="0: no previews; k: each image's estimate of x0 "
+                                     f"after every k-th step and the last (at most {MAX_PREVIEWS} per image)")
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's Images API (POST /v1/images/generations), for its clients. The model is unconditional: `prompt`
+    is accepted and ignored. Extensions: seed, steps, sampler."""
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), json_schema_extra={"examples": [
+        {"prompt": "a face", "n": 2, "size": "32x32", "seed": 7},
+        {"prompt": "a face", "stream": True, "partial_images": 2, "seed": 7, "sampler": "dpm-solver++", "steps": 25}]})
+
+    prompt: str = Field("", max_length=32000, description="ignored: the model is unconditional")
+    model: Optional[str] = Field(None, description="the served model's name, or 'default'")
+    n: StrictInt = Field(1, ge=1, description="number of images")
+    size: Optional[str] = Field(None, description="WIDTHxHEIGHT; must be the model's resolution (or 'auto')")
+    response_format: Optional[Literal["b64_json", "url"]] = Field(
+        None, description="b64_json (the default here); url is not supported")
+    output_format: Optional[Literal["png"]] = Field(None, description="png")
+    stream: bool = Field(False, description="Server-Sent Events: partial images, then the completed image (n = 1)")
+    partial_images: StrictInt = Field(0, ge=0, le=3, description="partial images to stream (x0 estimates)")
+    quality: Optional[str] = Field(None, description="ignored")
+    background: Optional[str] = Field(None, description="ignored")
+    moderation: Optional[str] = Field(None, description="ignored")
+    user: Optional[str] = Field(None, description="ignored")
+    seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i")
+    steps: StrictInt = Field(1000, ge=1, le=1000, description="denoising steps")
+    sampler: Literal["ddpm", "ddim", "dpm-solver++"] = Field("ddpm", description="reverse-process sampler")
+
+
+class ImageData(BaseModel):
+    b64_json: str
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str = "png"
+    size: str
 
 
 class Image(BaseModel):
@@ -45,6 +93,44 @@ class GenerateResponse(BaseModel):
     timings: Timings
 
 
+class ImageProgress(BaseModel):
+    index: int
+    seed: int
+    step: int
+    steps: int
+
+
+class JobErrorInfo(BaseModel):
+    reason: str
+    detail: str
+
+
+class JobInfo(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "pXcVn3m0Kq8yWl2JdK1R9A", "state": "running", "queue_position": None, "created": 1764444000,
+        "n": 2, "seed": 7, "sampler": "ddpm", "steps": 1000, "preview_every": 50, "step": 640, "total_steps": 2000,
+        "images_progress": [{"index": 0, "seed": 7, "step": 320, "steps": 1000},
+                            {"index": 1, "seed": 8, "step": 320, "steps": 1000}],
+        "eta_s": 4.1, "timings": None, "error": None, "images": None}]})
+
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    queue_position: Optional[int] = Field(description="0: next to start; null once running")
+    created: int = Field(description="Unix time the job was accepted")
+    n: int
+    seed: int
+    sampler: str
+    steps: int
+    preview_every: int
+    step: int = Field(description="denoising steps done, all images together")
+    total_steps: int = Field(description="n x steps")
+    images_progress: list[ImageProgress]
+    eta_s: Optional[float] = Field(description="seconds to the last image at the measured step time")
+    timings: Optional[Timings] = None
+    error: Optional[JobErrorInfo] = None
+    images: Optional[list[Image]] = Field(None, description="when succeeded: as in /generate's JSON")
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -62,6 +148,7 @@ class ModelInfo(BaseModel):
     samplers: list[str]
     max_n: int
     max_batch: int
+    auth_required: bool = Field(description="the generation and job routes need an API key")
 
 
 class Error(BaseModel):
@@ -69,9 +156,18 @@ class Error(BaseModel):
 
 
 ERRORS = {
-    401: {"model": Error, "description": "missing or wrong API key (when one is configured)"},
+    401: {"model": Error, "description": "missing or wrong API key (when keys are configured)"},
     413: {"model": Error, "description": "request body too large"},
     422: {"model": Error, "description": "invalid request: unknown field, wrong type or value out of range"},
-    503: {"model": Error, "description": "queue full, shutting down, or out of GPU memory; see Retry-After"},
+    503: {"model": Error, "description": "queue or job store full, shutting down, out of GPU memory, or the "
+                                         "denoising worker failed; see Retry-After"},
     504: {"model": Error, "description": "the request's deadline passed"},
+}
+JOB_ERRORS = {404: {"model": Error, "description": "no such job, another key's job, or expired"},
+              401: ERRORS[401]}
+
+# The HTTP status for each reason a job is refused or ends without images (service/scheduler.py's JobError).
+REASON_STATUS = {
+    "queue_full": 503, "store_full": 503, "shutting_down": 503, "shutdown": 503, "worker_failed": 503, "oom": 503,
+    "deadline": 504, "failed": 500, "cancelled": 409, "disconnect": 499, "server_cancelled": 503,
 }

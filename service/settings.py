@@ -20,7 +20,12 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1, description="most samples denoised together in one step")
     max_n: int = Field(16, ge=1, description="most images in one request")
     queue_size: int = Field(64, ge=1, description="most requests waiting for admission; beyond: 503")
-    api_key: SecretStr | None = Field(None, description="if set, /generate needs 'Authorization: Bearer <key>'")
+    api_key: SecretStr | None = Field(None, description="if set, the generation and job routes need "
+                                      "'Authorization: Bearer <key>'")
+    api_keys: SecretStr | None = Field(None, description="several keys, comma-separated (each sees only its own jobs)")
+    api_keys_file: Path | None = Field(None, description="a file of keys, one per line (# comments allowed)")
+    max_jobs: int = Field(1000, ge=1, description="jobs kept at once (queued, running, finished); beyond: 503")
+    job_ttl_s: float = Field(600.0, gt=0, description="how long a finished job's results are kept")
     request_timeout_s: float | None = Field(None, gt=0, description="default per-request deadline (none: no limit)")
     max_body_bytes: int = Field(4096, ge=256, description="larger request bodies get 413")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
@@ -28,7 +33,20 @@ class Settings(BaseSettings):
         "auto", description="auto: channels_last on CPU, contiguous on CUDA (GroupNorm there returns NCHW)")
     runner: Literal["auto", "script", "eager"] = Field(
         "auto", description="auto: on CPU a frozen TorchScript U-Net run in one shard per thread; eager on CUDA")
-    warmup: bool = True
+    warmup: bool = Field(True, description="one step at every batch size before reporting ready")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time to finish in-flight work")
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+
+    def keys(self) -> list[str]:
+        """Every configured API key (API_KEY, API_KEYS and API_KEYS_FILE together); empty: no authentication."""
+        keys = [self.api_key.get_secret_value()] if self.api_key else []
+        if self.api_keys:
+            keys += [k.strip() for k in self.api_keys.get_secret_value().split(",")]
+        if self.api_keys_file:
+            try:
+                text = self.api_keys_file.read_text()
+            except OSError as e:
+                raise ValueError(f"api_keys_file {self.api_keys_file}: {e.strerror or e}") from e
+            keys += [line.split("#")[0].strip() for line in text.splitlines()]
+        return [k for k in dict.fromkeys(keys) if k]

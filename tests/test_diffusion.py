@@ -143,7 +143,7 @@ def test_last_step_adds_no_noise():
         engine.step()
     x = engine.x.double().numpy().copy()
     eps = model(engine.x, torch.zeros(1)).double().numpy()
-    (_, _, img), = engine.step()
+    (_, _, img), = engine.step().finished
     expected = _ddpm_step_f64(x, eps, np.zeros_like(x), 0)
     expected_u8 = np.round((np.clip(expected, -1, 1) + 1) * 127.5).astype(np.uint8)[0].transpose(1, 2, 0)
     assert np.abs(img.astype(int) - expected_u8.astype(int)).max() <= 1
@@ -245,7 +245,7 @@ def test_batch_composition_and_join_step_invariance():
     for k in range(1400):
         if k == 300:
             engine.add("late", [SampleSpec(41), SampleSpec(42), SampleSpec(43, "ddim", 100)])
-        for group, index, img in engine.step():
+        for group, index, img in engine.step().finished:
             results[group, index] = img
         if not len(engine):
             break
@@ -262,7 +262,7 @@ def test_cancel_removes_samples():
     assert engine.cancel("a") == 2 and len(engine) == 1 and engine.groups() == {"b"}
     done = []
     while len(engine):
-        done += engine.step()
+        done += engine.step().finished
     assert [(g, i) for g, i, _ in done] == [("b", 0)]
 
 

@@ -84,7 +84,7 @@ def test_a_step_that_fails_can_be_retried_and_gives_the_uninterrupted_images(whe
         out = {}
         while len(engine):
             try:
-                finished = engine.step()
+                finished = engine.step().finished
             except Fault:
                 continue  # retry the same step
             for group, index, img in finished:
@@ -109,4 +109,4 @@ def test_clear_empties_the_batch_without_device_work():
     engine.clear()
     assert len(engine) == 0 and engine.x.shape[0] == 0 and engine.groups() == set()
     engine.add("h", [SampleSpec(3, "ddim", 2)])
-    assert len(engine.step()) == 0 and [g for g, _, _ in engine.step()] == ["h"]
+    assert engine.step().finished == [] and [g for g, _, _ in engine.step().finished] == ["h"]

@@ -12,7 +12,7 @@ from model.diffusion import Diffusion
 from model.engine import SamplerEngine
 from model.unet import PRESETS, UNet
 from service.metrics import Metrics
-from service.scheduler import GenerationError, Job, Scheduler
+from service.scheduler import JobError, Job, Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def job(n=1, steps=1000, sampler="ddpm", seed=0, deadline=None):
     return Job(seed, n, sampler, steps, deadline=deadline)
 
 
-def error_of(j: Job, timeout=30) -> GenerationError:
-    with pytest.raises(GenerationError) as info:
+def error_of(j: Job, timeout=30) -> JobError:
+    with pytest.raises(JobError) as info:
         j.future.result(timeout=timeout)
     return info.value
 
@@ -73,6 +73,29 @@ def test_batch_never_exceeds_the_limit_and_large_requests_go_in_parts_fifo(unet)
     assert order.index(c.id) > max(i for i, g in enumerate(order) if g == b.id)
 
 
+def test_a_cancelled_job_leaves_the_batch_before_the_next_step(unet):
+    s, engine, _ = make(unet, max_batch=4)
+    a, b = job(n=3, steps=50, sampler="ddim"), job(n=1, steps=50, sampler="ddim")
+    sizes = []
+    real_step = engine.step
+
+    def step():
+        sizes.append(len(engine))
+        if len(sizes) == 5:
+            s.cancel(a, JobError("cancelled", "by the client"))  # arrives during step 5
+        return real_step()
+
+    engine.step = step
+    s.submit(a)
+    s.submit(b)
+    s.start()
+    assert error_of(a).reason == "cancelled" and a.state == "cancelled"
+    b.future.result(timeout=30)
+    assert sizes[:6] == [4, 4, 4, 4, 4, 1]  # step 6 ran without a's rows
+    assert a.steps_done == [5, 5, 5]
+    s.stop()
+
+
 def test_warm_up_runs_every_batch_size_on_the_worker_thread(unet):
     s, engine, _ = make(unet, max_batch=5, warm_up=True)
     seen = []
@@ -94,10 +117,10 @@ def test_a_deadline_that_passes_in_the_queue_fails_the_request_there(unet):
     queued = job(steps=2, sampler="ddim", deadline=time.monotonic() + 0.2)
     s.submit(queued)
     err = error_of(queued)
-    assert err.status == 504 and queued.started_at is None  # never admitted
+    assert err.reason == "deadline" and queued.started_at is None and queued.state == "failed"  # never admitted
     assert s.metrics.cancelled.labels("deadline")._value.get() == 1
     s.stop()
-    assert error_of(long).status == 503
+    assert error_of(long).reason == "shutdown"
 
 
 def test_an_ordinary_error_fails_the_batch_and_keeps_serving(unet):
@@ -116,7 +139,7 @@ def test_an_ordinary_error_fails_the_batch_and_keeps_serving(unet):
     first = job(n=2, steps=5, sampler="ddim")
     s.submit(first)
     err = error_of(first)
-    assert err.status == 500 and "ValueError: a bug" in err.message
+    assert err.reason == "failed" and "ValueError: a bug" in err.message
     again = job(n=2, steps=5, sampler="ddim")
     s.submit(again)
     assert again.future.result(timeout=30).shape[0] == 2 and s.alive() and not deaths
@@ -140,7 +163,7 @@ def test_oom_handler_runs_after_the_failed_steps_tensors_are_freed(unet):
     j = job(n=4, steps=5, sampler="ddim")
     s.submit(j)
     err = error_of(j)
-    assert err.status == 503 and err.retry_after == 1 and "batch limit is now 2" in err.message
+    assert err.reason == "oom" and err.retry_after == 1 and "batch limit is now 2" in err.message
     assert freed == [True] and s.max_batch == 2 and s.alive() and not deaths
     s.stop()
 
@@ -160,7 +183,7 @@ def test_a_failure_while_adding_rows_answers_the_requests_being_added(unet):
     first = job(n=4, steps=4, sampler="ddim")
     s.submit(first)
     s.start()
-    assert error_of(first, timeout=10).status == 503  # not left waiting: its rows never reached the engine
+    assert error_of(first, timeout=10).reason == "oom"  # not left waiting: its rows never reached the engine
     second = job(n=3, steps=4, sampler="ddim")
     s.submit(second)
     assert second.future.result(timeout=30).shape[0] == 3 and s.max_batch == 2 and not deaths
@@ -196,12 +219,12 @@ def test_a_fatal_error_fails_every_request_and_reports_the_worker_dead(unet, whe
     broken.set()
     for j in (running, queued):
         err = error_of(j, timeout=10)
-        assert err.status == 503 and err.retry_after and "worker failed" in err.message
+        assert err.reason == "worker_failed" and err.retry_after and "worker failed" in err.message
     wait_for(lambda: not s._thread.is_alive())
     assert not s.alive() and not s.healthy() and len(deaths) == 1
-    with pytest.raises(GenerationError, match="worker failed") as late:
+    with pytest.raises(JobError, match="worker failed") as late:
         s.submit(job())
-    assert late.value.status == 503
+    assert late.value.reason == "worker_failed"
     s.stop()  # returns: nothing to wait for
 
 
@@ -227,10 +250,10 @@ def test_submit_and_cancel_never_wait_for_the_device(unet):
     t0 = time.monotonic()
     other = job(n=1, steps=3, sampler="ddim")
     s.submit(other)
-    s.cancel(first, GenerationError(499, "client disconnected"), "disconnect")
+    s.cancel(first, JobError("disconnect", "client disconnected"))
     assert time.monotonic() - t0 < 0.5
     release.set()
-    assert error_of(first).status == 499
+    assert error_of(first).reason == "disconnect" and first.state == "cancelled"
     assert other.future.result(timeout=30).shape[0] == 1
     s.stop()
 
@@ -243,11 +266,11 @@ def test_drain_is_idempotent_and_fails_what_outlives_the_grace(unet):
     s.submit(short)
     t1 = s.drain(0.5)
     assert s.drain(30) is t1  # a second call (SIGTERM, then the app's shutdown) joins the first
-    with pytest.raises(GenerationError, match="shutting down"):
+    with pytest.raises(JobError, match="shutting down"):
         s.submit(job())
     assert short.future.result(timeout=10).shape[0] == 1  # in-flight work finishes within the grace
     err = error_of(long, timeout=10)  # work past the grace is failed with 503 and Retry-After
-    assert err.status == 503 and err.retry_after and "shut down" in err.message
+    assert err.reason == "shutdown" and err.retry_after and "shut down" in err.message
     t1.join(10)
     assert not t1.is_alive() and s.healthy()  # stopped on purpose: not a failure
     assert isinstance(long.future, concurrent.futures.Future)

@@ -437,3 +437,14 @@ def test_the_echoed_random_seed_reproduces_the_image(served):
     again = post(url, {"n": 2, "steps": 5, "sampler": "ddim", "seed": first["seed"]}).json()
     assert again["seed"] == first["seed"]
     assert [im["png"] for im in again["images"]] == [im["png"] for im in first["images"]]
+
+
+def test_help_lists_every_setting_with_its_description():
+    from service.settings import Settings as S
+
+    r = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0
+    for name, field in S.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in r.stdout and f"CELEBA_DDPM_{name.upper()}" in r.stdout, name
+        assert field.description and field.description.split(":")[0][:30] in " ".join(r.stdout.split()), name
