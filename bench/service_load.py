@@ -65,11 +65,11 @@ def service(weights: str, max_batch: int, extra: list[str] | None = None):
             proc.kill()
 
 
-def header(title: str, argv) -> list[str]:
+def header(title: str, argv, script: str = "bench/service_load.py") -> list[str]:
     return [f"# {title}", "",
             f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
             f"python {platform.python_version()}",
-            f"- command: `python bench/service_load.py {' '.join(argv)}`", ""]
+            f"- command: `python {script} {' '.join(argv)}`", ""]
 
 
 def latency(a, argv) -> str:

@@ -70,6 +70,8 @@ def images_router(auth) -> APIRouter:
         every = max(1, body.steps // (body.partial_images + 1)) if body.stream and body.partial_images else 0
         job = new_job(rt, req, seed, preview_every=every)
         record = submit(rt, job, owner, kind="request")
+        # Subscribe before anything awaits: the worker's reports reach this loop only after, so none is missed.
+        q = record.subscribe() if body.stream else None
         created = int(time.time())
         common = {"created_at": created, "size": size, "quality": "auto", "background": "opaque",
                   "output_format": "png"}
@@ -79,7 +81,6 @@ def images_router(auth) -> APIRouter:
             return ImagesResponse(created=created, data=[ImageData(b64_json=b64(p)) for p in pngs], size=size)
 
         async def events():
-            q = record.subscribe()
             sent = 0
             try:
                 while True:

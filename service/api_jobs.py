@@ -101,14 +101,17 @@ async def _stream(rt: Runtime, record: JobRecord):
             except asyncio.TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
-            data = dict(event.data)
+            if event.text is None:  # every subscriber gets the same Event: encode it once
+                data = dict(event.data)
+                if event.kind == "preview":
+                    data["png"] = b64(await run_in_threadpool(png_bytes, event.image))
+                elif event.kind == "completed":
+                    pngs = await record_pngs(rt, record)
+                    data["images"] = [{"seed": record.job.seed + i, "png": b64(p)} for i, p in enumerate(pngs)]
+                event.text = f"event: {event.kind}\ndata: {json.dumps(data)}\n\n"
             if event.kind == "preview":
-                data["png"] = b64(await run_in_threadpool(png_bytes, event.image))
                 rt.metrics.previews.inc()
-            elif event.kind == "completed":
-                pngs = await record_pngs(rt, record)
-                data["images"] = [{"seed": record.job.seed + i, "png": b64(p)} for i, p in enumerate(pngs)]
-            yield f"event: {event.kind}\ndata: {json.dumps(data)}\n\n"
+            yield event.text
             if event.kind in ("completed", "failed", "cancelled"):
                 return
     finally:

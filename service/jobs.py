@@ -22,7 +22,7 @@ import numpy as np
 
 from .scheduler import TERMINAL, Job, JobError
 
-PROGRESS_EVERY_S = 0.2  # the most often a stream reports progress between previews
+PROGRESS_EVERY_S = 0.5  # the most often a stream reports progress (enough for a progress bar and an ETA)
 SUBSCRIBER_QUEUE = 256  # events buffered per stream; a stream that falls this far behind skips progress events
 
 
@@ -31,6 +31,7 @@ class Event:
     kind: str  # queued | running | progress | preview | completed | failed | cancelled
     data: dict = field(default_factory=dict)
     image: np.ndarray | None = None  # preview pixels (HxWxC uint8), PNG-encoded by the stream off the event loop
+    text: str | None = None  # the SSE message, made once by the first stream that sends it, shared by the rest
 
 
 class JobRecord:
@@ -56,7 +57,10 @@ class JobRecord:
 
     # ---- reports from the denoising thread -------------------------------------------------------------------
     def _from_worker(self, kind: str, **data) -> None:
-        self.loop.call_soon_threadsafe(self._publish, kind, data)
+        try:
+            self.loop.call_soon_threadsafe(self._publish, kind, data)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening any more
+            pass
 
     def _publish(self, kind: str, data: dict) -> None:
         image = data.pop("image", None)

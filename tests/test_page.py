@@ -42,6 +42,7 @@ def test_make_four_faces_and_watch_them_form(served):
     with offline_page() as (page, log):
         page.goto(url + "/")
         page.get_by_text("tiny-test").wait_for()
+        assert not page.get_by_label("API key").is_visible()  # no keys configured: no key field
         page.get_by_label("Images").fill("4")
         page.get_by_label("Seed").fill("100")
         page.get_by_label("Sampler").select_option("ddim")
@@ -97,6 +98,7 @@ def test_with_an_api_key_the_page_asks_for_it(tiny_weights):
             page.get_by_label("API key").wait_for()  # /v1/model says a key is needed
             page.get_by_label("Steps", exact=True).fill("3")
             page.get_by_role("button", name="Make faces").click()
+            page.locator("#form-error").wait_for()
             assert "API key" in page.locator("#form-error").inner_text()  # the 401, in words
             page.get_by_label("API key").fill("page-key")
             page.get_by_role("button", name="Make faces").click()
