@@ -148,6 +148,32 @@ def config_from_diffusers(d: dict) -> UNetConfig:
                       attn_resolutions=attn_res, dropout=d.get("dropout", 0.0), num_groups=d.get("norm_num_groups", 32))
 
 
+SOURCE_SCHEDULER_KEYS = ("_class_name", "variance_type", "clip_sample", "clip_sample_range", "prediction_type",
+                         "beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "thresholding")
+
+
+def scheduler_notes(source: dict) -> list[str]:
+    """What differs between a checkpoint's own scheduler and this project's samplers, in words."""
+    notes = []
+    if source.get("variance_type", "fixed_small") == "fixed_small":
+        notes.append("its scheduler samples with the posterior variance (variance_type=fixed_small): request "
+                     "sampler 'ddpm-posterior' for that; 'ddpm' uses sigma_t = sqrt(beta_t)")
+    if source.get("clip_sample", True):
+        notes.append("its scheduler clips each x0 estimate to [-1, 1] (clip_sample=true); these samplers do not "
+                     "clip (the exact reverse process)")
+    return notes
+
+
+def read_source_scheduler(path: str | Path) -> dict | None:
+    """The scheduler settings a diffusers checkpoint folder ships (scheduler/scheduler_config.json), if any."""
+    path = Path(path)
+    for f in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
+        if f.is_file():
+            s = json.loads(f.read_text())
+            return {k: s[k] for k in SOURCE_SCHEDULER_KEYS if k in s}
+    return None
+
+
 def from_diffusers_folder(path: str | Path) -> tuple[UNet, ScheduleConfig]:
     from safetensors.torch import load_file
 
@@ -193,10 +219,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(a.folder).resolve().name)
+    source = read_source_scheduler(a.folder)
     save_weights(a.out, unet, sched, name=name, dataset=f"converted from diffusers checkpoint {a.folder}",
                  training_steps=0, training={"converted_from": str(a.folder)},
-                 dtype=torch.float16 if a.dtype == "fp16" else torch.float32)
-    print(f"wrote {a.out}")
+                 dtype=torch.float16 if a.dtype == "fp16" else torch.float32,
+                 extra={"source_scheduler": source} if source is not None else None)
+    print(f"wrote {a.out}: {unet.config.image_size}x{unet.config.image_size}, "
+          f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters ({a.dtype})")
+    for note in scheduler_notes(source or {}):
+        print(f"note: {note}")
     return 0
 
 

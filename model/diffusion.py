@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+SAMPLERS = ("ddpm", "ddpm-posterior", "ddim", "dpm-solver++")
+STOCHASTIC = ("ddpm", "ddpm-posterior")  # samplers that add noise z at each step (all but the last)
+MULTISTEP = ("dpm-solver++",)  # samplers that need the previous step's x0 estimate
 COEFS = ("a", "b", "c", "d", "e", "f")
 PREDICTIONS = ("eps", "v")
 
@@ -175,13 +177,16 @@ def _build_table(sampler: str, taus: torch.Tensor, alphas_cumprod: torch.Tensor,
         alpha_s, sigma_s = math.sqrt(ab_t), math.sqrt(1 - ab_t)
         e, f = 1 / alpha_s, -sigma_s / alpha_s  # x0_hat = (x - sigma eps) / alpha
         c = d = 0.0
-        if sampler == "ddpm":
+        if sampler in STOCHASTIC:
             # Respaced DDPM (exactly Ho et al. when steps = T): alpha' = alphabar_t / alphabar_next,
-            # x_next = 1/sqrt(alpha') (x - (1 - alpha')/sqrt(1 - alphabar_t) eps) + sqrt(beta') z, z = 0 at the end.
+            # x_next = 1/sqrt(alpha') (x - (1 - alpha')/sqrt(1 - alphabar_t) eps) + sigma z, z = 0 at the end;
+            # sigma^2 = beta' (ddpm) or the posterior variance beta~ = (1 - alphabar_next)/(1 - alphabar_t) beta'
+            # (ddpm-posterior: diffusers' variance_type="fixed_small", what Google's DDPM checkpoints sample with).
             alpha = ab_t / ab_next
             a = 1 / math.sqrt(alpha)
             b = -(1 - alpha) / (math.sqrt(alpha) * sigma_s)
-            c = math.sqrt(1 - alpha) if k + 1 < K else 0.0
+            variance = (1 - alpha) * ((1 - ab_next) / (1 - ab_t) if sampler == "ddpm-posterior" else 1.0)
+            c = math.sqrt(variance) if k + 1 < K else 0.0
         elif sampler == "ddim":
             # eta = 0: x_next = sqrt(alphabar_next) x0_hat + sqrt(1 - alphabar_next) eps.
             a = math.sqrt(ab_next) * e

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .device import memory_allocated, pick_memory_format, release_cached_memory
-from .diffusion import Diffusion
+from .diffusion import MULTISTEP, STOCHASTIC, Diffusion
 from .noise import gaussian
 from .runner import ModelRunner
 from .unet import UNet
@@ -127,8 +127,8 @@ class SamplerEngine:
         self._z = None  # refilled for all rows at the next step
 
     def _count_kinds(self) -> None:
-        self._stochastic = sum(r.sampler == "ddpm" for r in self.rows)
-        self._multistep = sum(r.sampler == "dpm-solver++" for r in self.rows)
+        self._stochastic = sum(r.sampler in STOCHASTIC for r in self.rows)
+        self._multistep = sum(r.sampler in MULTISTEP for r in self.rows)
 
     _STATE = ("x", "x0_prev", "seeds", "pos", "offset")  # per-row tensors, row i of each is self.rows[i]
 

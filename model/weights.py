@@ -48,8 +48,10 @@ class LoadedWeights:
 
 
 def save_weights(path: str | os.PathLike, unet: UNet, schedule: ScheduleConfig, *, name: str, dataset: str,
-                 training_steps: int, training: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
-    """Write `unet`'s weights (cast to `dtype`) with self-describing metadata, atomically (write, then rename)."""
+                 training_steps: int, training: dict | None = None, dtype: torch.dtype = torch.float32,
+                 extra: dict[str, dict] | None = None) -> None:
+    """Write `unet`'s weights (cast to `dtype`) with self-describing metadata, atomically (write, then rename).
+    extra: further metadata entries, stored as JSON (e.g. a converted checkpoint's source_scheduler)."""
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -63,6 +65,8 @@ def save_weights(path: str | os.PathLike, unet: UNet, schedule: ScheduleConfig, 
     }
     if training is not None:
         metadata["training"] = json.dumps(training)
+    for key, value in (extra or {}).items():
+        metadata[key] = json.dumps(value)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -48,6 +50,8 @@ def ops_router(settings: Settings) -> APIRouter:
                          dataset=w.metadata.get("dataset", ""), training_steps=int(w.metadata["training_steps"]),
                          device=str(rt.engine.device), dtype=DTYPE_NAMES[rt.engine.dtype],
                          runner=rt.engine.runner.mode, samplers=list(SAMPLERS), max_n=settings.max_n,
-                         max_batch=rt.scheduler.max_batch, auth_required=auth_required)
+                         max_batch=rt.scheduler.max_batch, auth_required=auth_required,
+                         source_scheduler=json.loads(w.metadata["source_scheduler"])
+                         if "source_scheduler" in w.metadata else None)
 
     return router

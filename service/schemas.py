@@ -6,7 +6,10 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
+from model.diffusion import SAMPLERS
+
 MAX_SEED = 2**63 - 1
+SamplerName = Literal[SAMPLERS]  # model/diffusion.py's list, one place
 
 
 class GenerateRequest(BaseModel):
@@ -17,7 +20,7 @@ class GenerateRequest(BaseModel):
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED,
                                    description="image i uses seed + i; random when absent, always echoed")
     steps: StrictInt = Field(1000, ge=1, le=1000, description="denoising steps (1000: the full DDPM chain)")
-    sampler: Literal["ddpm", "ddim", "dpm-solver++"] = Field("ddpm", description="reverse-process sampler")
+    sampler: SamplerName = Field("ddpm", description="reverse-process sampler")
     deadline_s: StrictFloat | StrictInt | None = Field(
         None, gt=0, le=3600, description="give up (504) if the images are not done within this many seconds")
 
@@ -56,7 +59,7 @@ class ImageGenerationRequest(BaseModel):
     user: Optional[str] = Field(None, description="ignored")
     seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i")
     steps: StrictInt = Field(1000, ge=1, le=1000, description="denoising steps")
-    sampler: Literal["ddpm", "ddim", "dpm-solver++"] = Field("ddpm", description="reverse-process sampler")
+    sampler: SamplerName = Field("ddpm", description="reverse-process sampler")
 
 
 class ImageData(BaseModel):
@@ -148,6 +151,9 @@ class ModelInfo(BaseModel):
     samplers: list[str]
     max_n: int
     max_batch: int
+    source_scheduler: Optional[dict] = Field(
+        None, description="a converted diffusers checkpoint's own scheduler settings (e.g. variance_type, "
+                          "clip_sample); this service samples with the sampler a request names")
     auth_required: bool = Field(description="the generation and job routes need an API key")
 
 

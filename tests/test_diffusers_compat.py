@@ -78,3 +78,97 @@ def test_diffusers_prediction_type_is_read_and_checked(tmp_path):
     cfg.write_text(json.dumps({"beta_schedule": "linear", "prediction_type": "sample"}))
     with pytest.raises(ValueError, match="unsupported prediction_type 'sample'"):
         from_diffusers_folder(pipe_dir)
+
+
+def test_posterior_variance_sampler_is_diffusers_fixed_small_step_by_step():
+    """sampler 'ddpm-posterior' is DDPMScheduler(variance_type='fixed_small', clip_sample=False): the same update,
+    noise included, at every one of the 1000 steps."""
+    from diffusers import DDPMScheduler
+
+    from model.diffusion import Diffusion
+
+    d = Diffusion()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                          variance_type="fixed_small", clip_sample=False)
+    sched.set_timesteps(1000)
+    table = d.coefficients("ddpm-posterior", 1000)
+    assert not torch.equal(table[:, 3], d.coefficients("ddpm", 1000)[:, 3])  # a different sigma than ddpm's
+    g = torch.Generator().manual_seed(0)
+    for k in range(1000):
+        t, a, b, c = int(table[k, 0]), *(float(v) for v in table[k, 1:4])
+        x, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+        theirs = sched.step(eps, t, x, generator=torch.Generator().manual_seed(k)).prev_sample
+        z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(k)) if t > 0 else 0
+        torch.testing.assert_close(theirs, a * x + b * eps + c * z, rtol=1e-4, atol=1e-4, msg=f"t={t}")
+
+
+# The published configurations of Google's DDPM checkpoints (google/ddpm-celebahq-256, -church-256, -bedroom-256
+# and -cat-256 share one; google/ddpm-cifar10-32), and the scheduler they ship.
+PUBLISHED = {
+    "ddpm-celebahq-256": dict(sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512),
+                              down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+                              up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4),
+    "ddpm-cifar10-32": dict(sample_size=32, block_out_channels=(128, 256, 256, 256),
+                            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                            up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+}
+COMMON = dict(in_channels=3, out_channels=3, layers_per_block=2, attention_head_dim=None, norm_num_groups=32,
+              norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, act_fn="silu",
+              center_input_sample=False, time_embedding_type="positional", mid_block_scale_factor=1)
+GOOGLE_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+                    "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
+                    "variance_type": "fixed_small"}
+
+
+def _published_folder(tmp_path, name):
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(**PUBLISHED[name], **COMMON).eval()
+    folder = tmp_path / name
+    model.save_pretrained(folder / "unet", safe_serialization=True)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(GOOGLE_SCHEDULER))
+    return model, folder
+
+
+@pytest.mark.parametrize("name", ["ddpm-cifar10-32", "ddpm-celebahq-256"])
+def test_published_google_configurations_convert_and_compute_the_same(tmp_path, name, capsys):
+    theirs, folder = _published_folder(tmp_path, name)
+    assert main([str(folder), "--out", str(tmp_path / "w.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert "ddpm-posterior" in printed and "clip_sample" in printed  # what differs from its own scheduler
+    w = load_weights(tmp_path / "w.safetensors")
+    assert json.loads(w.metadata["source_scheduler"])["variance_type"] == "fixed_small"
+    size = PUBLISHED[name]["sample_size"]
+    x, t = torch.randn(1, 3, size, size), torch.tensor([417])
+    with torch.no_grad():
+        a, b = w.unet(x, t), theirs(x, t).sample
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-4)
+    if name == "ddpm-celebahq-256":
+        assert abs(sum(p.numel() for p in w.unet.parameters()) - 113.7e6) < 0.1e6
+        assert main([str(folder), "--out", str(tmp_path / "h.safetensors"), "--dtype", "fp16"]) == 0
+        half = load_weights(tmp_path / "h.safetensors")
+        assert (tmp_path / "h.safetensors").stat().st_size < 0.51 * (tmp_path / "w.safetensors").stat().st_size
+        for k, v in w.unet.state_dict().items():  # fp16 within fp16's precision
+            torch.testing.assert_close(half.unet.state_dict()[k], v, rtol=1e-3, atol=1e-4)
+
+
+def test_the_service_serves_a_converted_256_checkpoint(tmp_path):
+    """End to end on CPU with a random-weight 256x256 model of Google's configuration: one ddim step each."""
+    import httpx
+
+    from service.settings import Settings
+
+    from service_helpers import decode_png, running
+
+    _, folder = _published_folder(tmp_path, "ddpm-celebahq-256")
+    assert main([str(folder), "--out", str(tmp_path / "celebahq.safetensors")]) == 0
+    settings = Settings(weights=tmp_path / "celebahq.safetensors", warmup=False, max_batch=2, runner="eager")
+    with running(settings) as (url, _):
+        info = httpx.get(url + "/v1/model").json()
+        assert info["resolution"] == 256 and info["source_scheduler"]["clip_sample"] is True
+        assert "ddpm-posterior" in info["samplers"]
+        r = httpx.post(url + "/generate", json={"n": 2, "seed": 3, "steps": 1, "sampler": "ddim"}, timeout=300,
+                       headers={"Accept": "image/png"})
+        pixels, text = decode_png(r.content)
+        assert r.status_code == 200 and pixels.shape == (2 + 258, 2 + 2 * 258, 3) and text["seeds"] == "3-4"
+        assert text["model"] == "ddpm-celebahq-256" and len(text["weights_sha256"]) == 64

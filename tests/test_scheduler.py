@@ -108,6 +108,27 @@ def test_warm_up_runs_every_batch_size_on_the_worker_thread(unet):
     s.stop()
 
 
+def test_an_oom_in_warm_up_lowers_the_batch_limit_instead_of_failing_start_up(unet):
+    """A model too large for MAX_BATCH on this GPU (a 256x256 checkpoint on a small card): warm-up finds the
+    batch size that runs out of memory, halves it, and the service starts with that limit."""
+    s, engine, deaths = make(unet, max_batch=8, warm_up=True)
+    real_step = engine.step
+
+    def step():
+        if len(engine) >= 5 and not s.started.is_set():
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step()
+
+    engine.step = step
+    s.start()
+    assert s.started.wait(30) and s.alive() and not deaths
+    assert s.max_batch == 2 and s.metrics.batch_limit._value.get() == 2 and len(engine) == 0
+    j = job(n=4, steps=3, sampler="ddim")
+    s.submit(j)
+    assert j.future.result(timeout=30).shape[0] == 4  # served in parts of 2
+    s.stop()
+
+
 def test_a_deadline_that_passes_in_the_queue_fails_the_request_there(unet):
     s, _, _ = make(unet, max_batch=1)
     s.start()
