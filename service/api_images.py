@@ -28,8 +28,8 @@ def images_router(auth) -> APIRouter:
         summary="Generate faces")
     async def generate(body: GenerateRequest, request: Request, rt: Runtime = Depends(runtime),
                        owner: str | None = Depends(auth)):
-        seed = check_limits(rt, body)
-        job = new_job(rt, body, seed)
+        seed, steps = check_limits(rt, body)
+        job = new_job(rt, body, seed, steps)
         submit(rt, job, owner, kind="request")
         images = await wait_or_disconnect(request, rt, job)
         timings = Timings(queue_s=round(job.started_at - job.enqueued_at, 6),
@@ -40,7 +40,7 @@ def images_router(auth) -> APIRouter:
                 "X-Seed": str(seed), "X-Model": rt.weights.name, "X-Queue-Seconds": f"{timings.queue_s:.6f}",
                 "X-Generate-Seconds": f"{timings.generate_s:.6f}"})
         pngs = await run_in_threadpool(encode_pngs, rt, job, images)
-        return GenerateResponse(seed=seed, model=rt.weights.name, sampler=body.sampler, steps=body.steps,
+        return GenerateResponse(seed=seed, model=rt.weights.name, sampler=body.sampler, steps=steps,
                                 images=[Image(seed=seed + i, png=b64(p)) for i, p in enumerate(pngs)],
                                 timings=timings)
 
@@ -61,14 +61,11 @@ def images_router(auth) -> APIRouter:
             raise Invalid(f"model: this service serves {rt.weights.name!r} (or say 'default')")
         if body.size not in (None, "auto", size):
             raise Invalid(f"size: must be {size!r}, the model's resolution")
-        if body.response_format == "url":
-            raise Invalid("response_format: 'url' is not supported; use 'b64_json'")
-        if body.stream and body.n != 1:
-            raise Invalid("n: streaming returns one image; set n to 1")
-        req = GenerateRequest(n=body.n, seed=body.seed, steps=body.steps, sampler=body.sampler)
-        seed = check_limits(rt, req)
-        every = max(1, body.steps // (body.partial_images + 1)) if body.stream and body.partial_images else 0
-        job = new_job(rt, req, seed, preview_every=every)
+        req = GenerateRequest(n=body.n, seed=body.seed, sampler=body.sampler,
+                              **({"steps": body.steps} if "steps" in body.model_fields_set else {}))
+        seed, steps = check_limits(rt, req)
+        every = max(1, steps // (body.partial_images + 1)) if body.stream and body.partial_images else 0
+        job = new_job(rt, req, seed, steps, preview_every=every)
         record = submit(rt, job, owner, kind="request")
         # Subscribe before anything awaits: the worker's reports reach this loop only after, so none is missed.
         q = record.subscribe() if body.stream else None
@@ -81,28 +78,31 @@ def images_router(auth) -> APIRouter:
             return ImagesResponse(created=created, data=[ImageData(b64_json=b64(p)) for p in pngs], size=size)
 
         async def events():
-            sent = 0
+            sent: dict[int, int] = {}  # partial images sent, per image
             try:
                 while True:
                     event = await q.get()
-                    if event.kind == "preview" and sent < body.partial_images and event.data["step"] < job.steps:
+                    if event.kind == "preview":
+                        index = event.data["index"]
+                        if sent.get(index, 0) >= body.partial_images or event.data["step"] >= job.steps:
+                            continue
                         png = await run_in_threadpool(png_bytes, event.image)
                         rt.metrics.previews.inc()
                         data = {"type": "image_generation.partial_image", "b64_json": b64(png),
-                                "partial_image_index": sent, **common}
-                        sent += 1
-                    elif event.kind == "completed":
-                        (png,) = await run_in_threadpool(encode_pngs, rt, job, job.future.result())
-                        data = {"type": "image_generation.completed", "b64_json": b64(png), **common,
-                                "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                                          "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}}
+                                "partial_image_index": sent.get(index, 0), **common}
+                        sent[index] = sent.get(index, 0) + 1
+                        yield f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
+                    elif event.kind == "completed":  # one event per image
+                        for png in await run_in_threadpool(encode_pngs, rt, job, job.future.result()):
+                            data = {"type": "image_generation.completed", "b64_json": b64(png), **common,
+                                    "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                                              "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}}
+                            yield f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
+                        return
                     elif event.kind in ("failed", "cancelled"):
                         data = {"type": "error", "error": {"message": event.data.get("detail", event.kind),
                                                             "type": event.data.get("reason", event.kind)}}
-                    else:
-                        continue
-                    yield f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
-                    if data["type"] != "image_generation.partial_image":
+                        yield f"event: error\ndata: {json.dumps(data)}\n\n"
                         return
             finally:
                 record.unsubscribe(q)

@@ -37,11 +37,11 @@ def jobs_router(auth) -> APIRouter:
             existing = rt.store.by_idempotency_key(owner, idempotency_key)
             if existing is not None:
                 return await _accepted(rt, existing)
-        seed = check_limits(rt, body)
-        if body.preview_every and body.steps // body.preview_every > MAX_PREVIEWS:
-            raise Invalid(f"preview_every: at most {MAX_PREVIEWS} previews per image: with {body.steps} steps, "
-                          f"at least {-(-body.steps // MAX_PREVIEWS)}")
-        record = submit(rt, new_job(rt, body, seed, body.preview_every), owner, kind="job",
+        seed, steps = check_limits(rt, body)
+        if body.preview_every and steps // body.preview_every > MAX_PREVIEWS:
+            raise Invalid(f"preview_every: at most {MAX_PREVIEWS} previews per image: with {steps} steps, "
+                          f"at least {-(-steps // MAX_PREVIEWS)}")
+        record = submit(rt, new_job(rt, body, seed, steps, body.preview_every), owner, kind="job",
                         idempotency_key=idempotency_key)
         return await _accepted(rt, record)
 

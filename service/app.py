@@ -11,7 +11,10 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from model.device import DTYPE_NAMES
 from model.weights import LoadedWeights
@@ -26,7 +29,7 @@ from .jobs import NotFound
 from .page import add_page
 from .runtime import Runtime, build_runtime
 from .scheduler import JobError
-from .schemas import REASON_STATUS
+from .schemas import MAX_SEED, REASON_STATUS
 from .settings import Settings
 
 log = logging.getLogger("celeba_ddpm.service")
@@ -173,6 +176,20 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
         rejected(request, "invalid")
         return error(request, 422, str(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. invalid UTF-8): a 422 like any bad body
+            rejected(request, "invalid")
+            return error(request, 422, "body: not valid JSON (it must be UTF-8)")
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Allow: every method of the path (Starlette names only the first route's)
+            methods = set()
+            for route in request.app.router.routes:
+                if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+                    methods |= route.methods
+            headers = {"Allow": ", ".join(sorted(methods))}
+        return error(request, exc.status_code, str(exc.detail), headers)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         rejected(request, "invalid")
@@ -182,4 +199,26 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
             parts.append(f"{loc}: {e.get('msg')}")
         return error(request, 422, "; ".join(parts))
 
+    def openapi() -> dict:
+        """FastAPI's document, with the limits this service sets (MAX_N, MAX_STEPS) in the request schemas."""
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                              description=app.description, routes=app.routes)
+            limit = min(1000, settings.max_steps or 1000)
+            for name in ("GenerateRequest", "JobRequest", "ImageGenerationRequest"):
+                props = doc["components"]["schemas"][name]["properties"]
+                props["n"]["maximum"] = settings.max_n
+                props["seed"]["anyOf"][0]["maximum"] = MAX_SEED - settings.max_n + 1  # deps.max_seed
+                props["steps"].update(maximum=limit, default=limit)
+            rt = holder.get("rt")
+            if rt is not None:  # what OpenAI's route accepts for size and model, for this model
+                res = rt.weights.unet.config.image_size
+                props = doc["components"]["schemas"]["ImageGenerationRequest"]["properties"]
+                props["size"] = {**props["size"], "anyOf": [{"enum": [f"{res}x{res}", "auto"]}, {"type": "null"}]}
+                props["model"] = {**props["model"], "anyOf": [{"enum": [rt.weights.name, "default"]},
+                                                              {"type": "null"}]}
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -54,16 +54,29 @@ def make_auth(keys: list[str]):
     return owner
 
 
-def check_limits(rt: Runtime, body: GenerateRequest) -> int:
-    """The run-time limits of a request; returns its seed (random when absent)."""
+def max_seed(rt: Runtime) -> int:
+    """The largest seed a request may give: seed + n - 1 stays within MAX_SEED for every n up to MAX_N."""
+    return MAX_SEED - rt.settings.max_n + 1
+
+
+def max_steps(rt: Runtime) -> int:
+    return min(rt.weights.diffusion.T, rt.settings.max_steps or rt.weights.diffusion.T)
+
+
+def check_limits(rt: Runtime, body: GenerateRequest) -> tuple[int, int]:
+    """The run-time limits of a request; returns its seed (random when absent) and steps (the default: the most
+    this service allows, normally the full chain)."""
     if body.n > rt.settings.max_n:
         raise Invalid(f"n: must be at most {rt.settings.max_n}")
-    if body.steps > rt.weights.diffusion.T:
-        raise Invalid(f"steps: must be at most {rt.weights.diffusion.T}")
-    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - rt.settings.max_n)
-    if seed + body.n - 1 > MAX_SEED:
-        raise Invalid(f"seed: seed + n - 1 must be at most {MAX_SEED}")
-    return seed
+    limit = max_steps(rt)
+    steps = body.steps if "steps" in body.model_fields_set else limit
+    if steps > limit:
+        raise Invalid(f"steps: must be at most {limit}")
+    top = max_seed(rt)
+    seed = body.seed if body.seed is not None else secrets.randbelow(top + 1)
+    if seed > top:
+        raise Invalid(f"seed: must be at most {top} (2^53 - MAX_N: seeds seed..seed+n-1 stay below 2^53)")
+    return seed, steps
 
 
 def submit(rt: Runtime, job: Job, owner: str | None, kind: str, idempotency_key: str | None = None) -> JobRecord:
@@ -83,9 +96,9 @@ def submit(rt: Runtime, job: Job, owner: str | None, kind: str, idempotency_key:
     return record
 
 
-def new_job(rt: Runtime, body: GenerateRequest, seed: int, preview_every: int = 0) -> Job:
+def new_job(rt: Runtime, body: GenerateRequest, seed: int, steps: int, preview_every: int = 0) -> Job:
     timeout = body.deadline_s or rt.settings.request_timeout_s
-    return Job(seed, body.n, body.sampler, body.steps, deadline=time.monotonic() + timeout if timeout else None,
+    return Job(seed, body.n, body.sampler, steps, deadline=time.monotonic() + timeout if timeout else None,
                preview_every=preview_every)
 
 

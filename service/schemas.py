@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from model.diffusion import SAMPLERS
 
-MAX_SEED = 2**63 - 1
+# The engine takes seeds up to 2^63 - 1 (python -m model.sample does). Over HTTP a seed is a JSON number, and
+# JavaScript clients (the page, browsers' JSON viewers) and most validators read those as doubles: exact only up to
+# 2^53 - 1. So requests take, and random seeds are drawn, in [0, 2^53 - 1]; image i of a request uses seed + i.
+MAX_SEED = 2**53 - 1
+
+
+INT_FIELDS = {"n", "seed", "steps", "preview_every", "partial_images"}
+
+
+class _Request(BaseModel):
+    """JSON Schema counts 4.0 as an integer: request bodies accept it as 4 (strings like "4" stay refused)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data):
+        if not isinstance(data, dict):
+            return data
+        return {k: int(v) if k in INT_FIELDS and isinstance(v, float) and v.is_integer() and abs(v) < 2**63 else v
+                for k, v in data.items()}
 SamplerName = Literal[SAMPLERS]  # model/diffusion.py's list, one place
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(_Request):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"n": 4, "seed": 7}, {"n": 1, "seed": 42, "sampler": "dpm-solver++", "steps": 25}]})
 
     n: StrictInt = Field(1, ge=1, description="number of images (1 to the configured maximum, default 16)")
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED,
                                    description="image i uses seed + i; random when absent, always echoed")
-    steps: StrictInt = Field(1000, ge=1, le=1000, description="denoising steps (1000: the full DDPM chain)")
+    steps: StrictInt = Field(1000, ge=1, le=1000, description="denoising steps (1000: the full DDPM chain; when the "
+                             "service sets MAX_STEPS lower, that is both the default and the limit)")
     sampler: SamplerName = Field("ddpm", description="reverse-process sampler")
-    deadline_s: StrictFloat | StrictInt | None = Field(
-        None, gt=0, le=3600, description="give up (504) if the images are not done within this many seconds")
+    deadline_s: Optional[Annotated[float, Field(gt=0, le=3600, strict=True)]] = Field(
+        None, description="give up (504) if the images are not done within this many seconds")
 
 
 MAX_PREVIEWS = 100  # per image of a job
@@ -37,21 +56,21 @@ class JobRequest(GenerateRequest):
                                      f"after every k-th step and the last (at most {MAX_PREVIEWS} per image)")
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(_Request):
     """OpenAI's Images API (POST /v1/images/generations), for its clients. The model is unconditional: `prompt`
     is accepted and ignored. Extensions: seed, steps, sampler."""
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), json_schema_extra={"examples": [
-        {"prompt": "a face", "n": 2, "size": "32x32", "seed": 7},
+        {"prompt": "a face", "n": 2, "seed": 7},
         {"prompt": "a face", "stream": True, "partial_images": 2, "seed": 7, "sampler": "dpm-solver++", "steps": 25}]})
 
     prompt: str = Field("", max_length=32000, description="ignored: the model is unconditional")
     model: Optional[str] = Field(None, description="the served model's name, or 'default'")
     n: StrictInt = Field(1, ge=1, description="number of images")
     size: Optional[str] = Field(None, description="WIDTHxHEIGHT; must be the model's resolution (or 'auto')")
-    response_format: Optional[Literal["b64_json", "url"]] = Field(
-        None, description="b64_json (the default here); url is not supported")
+    response_format: Optional[Literal["b64_json"]] = Field(
+        None, description="b64_json (the default here; OpenAI's 'url' is not supported)")
     output_format: Optional[Literal["png"]] = Field(None, description="png")
-    stream: bool = Field(False, description="Server-Sent Events: partial images, then the completed image (n = 1)")
+    stream: StrictBool = Field(False, description="Server-Sent Events: partial images, then each completed image")
     partial_images: StrictInt = Field(0, ge=0, le=3, description="partial images to stream (x0 estimates)")
     quality: Optional[str] = Field(None, description="ignored")
     background: Optional[str] = Field(None, description="ignored")
@@ -170,7 +189,7 @@ ERRORS = {
     504: {"model": Error, "description": "the request's deadline passed"},
 }
 JOB_ERRORS = {404: {"model": Error, "description": "no such job, another key's job, or expired"},
-              401: ERRORS[401]}
+              401: ERRORS[401], 422: ERRORS[422]}
 
 # The HTTP status for each reason a job is refused or ends without images (service/scheduler.py's JobError).
 REASON_STATUS = {

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="a file of keys, one per line (# comments allowed)")
     max_jobs: int = Field(1000, ge=1, description="jobs kept at once (queued, running, finished); beyond: 503")
     job_ttl_s: float = Field(600.0, gt=0, description="how long a finished job's results are kept")
+    max_steps: int | None = Field(None, ge=1, description="most denoising steps a request may ask for, and the "
+                                  "default when lower than the model's T (unset: T, the full chain)")
     request_timeout_s: float | None = Field(None, gt=0, description="default per-request deadline (none: no limit)")
     max_body_bytes: int = Field(4096, ge=256, description="larger request bodies get 413")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
