@@ -73,10 +73,10 @@ async function stream(path, onEvent, signal) {
 }
 
 // ---- the form ---------------------------------------------------------------------------------------------------
-function randomSeed() {  // below 2^53, so the page can do arithmetic on it exactly
+function randomSeed() {  // below 2^52: exact in JavaScript, and under the server's 2^53 - MAX_N limit
   const a = new Uint32Array(2);
   crypto.getRandomValues(a);
-  return (BigInt(a[0] & 0x1fffff) << 32n) | BigInt(a[1]);
+  return (BigInt(a[0] & 0xfffff) << 32n) | BigInt(a[1]);
 }
 
 function readForm() {
