@@ -9,7 +9,7 @@ the CLI and the service produce the same pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable, Iterable
 
 import numpy as np
@@ -46,10 +46,12 @@ class _Row:
 
 @dataclass
 class StepOutput:
-    """What one step produced: (group, index, HxWxC uint8 image) of the samples that finished, and
-    (group, index, step, HxWxC uint8 x0 estimate) of the samples that asked for a preview at this step."""
+    """What one step produced: (group, index, HxWxC uint8 image) of the samples that finished, (group, index, step,
+    HxWxC uint8 x0 estimate) of the samples that asked for a preview at this step, and (group, index) of the
+    samples that finished with NaN or Inf in them (a faulty network: no image, never a black one)."""
     finished: list[tuple[Hashable, int, np.ndarray]]
     previews: list[tuple[Hashable, int, int, np.ndarray]]
+    failed: list[tuple[Hashable, int]] = field(default_factory=list)
 
 
 class SamplerEngine:
@@ -205,24 +207,31 @@ class SamplerEngine:
             x0_prev = e * self.x + f * out
         pos = self.pos + 1
         finished = [i for i, r in enumerate(self.rows) if r.pos + 1 == r.steps]
-        done = []
+        done, failed = [], []
         if finished:
-            images = to_uint8(x[finished]).cpu().numpy()
-            done = [(self.rows[i].group, self.rows[i].index, img) for i, img in zip(finished, images)]
+            last = x[finished]
+            finite = torch.isfinite(last).flatten(1).all(1).cpu().tolist()  # one sync with the images below
+            images = to_uint8(last).cpu().numpy()
+            for i, img, ok in zip(finished, images, finite):
+                if ok:
+                    done.append((self.rows[i].group, self.rows[i].index, img))
+                else:
+                    failed.append((self.rows[i].group, self.rows[i].index))
         previews = []
         want = [i for i, r in enumerate(self.rows)
                 if r.preview_every and ((r.pos + 1) % r.preview_every == 0 or r.pos + 1 == r.steps)]
         if want:  # the x0 estimate, only for the rows that asked, only at their preview steps
             x0_hat = x0_prev[want] if self._multistep else e[want] * self.x[want] + f[want] * out[want]
+            finite = torch.isfinite(x0_hat).flatten(1).all(1).cpu().tolist()
             images = to_uint8(x0_hat).cpu().numpy()
             previews = [(self.rows[i].group, self.rows[i].index, self.rows[i].pos + 1, img)
-                        for i, img in zip(want, images)]
+                        for i, img, ok in zip(want, images, finite) if ok]
         state = {"x": x, "x0_prev": x0_prev, "seeds": self.seeds, "pos": pos, "offset": self.offset}
         gone = set(finished)
         self._keep([i for i in range(len(self.rows)) if i not in gone], state, z, zcol + 1)  # commit the step
         for r in self.rows:
             r.pos += 1
-        return StepOutput(done, previews)
+        return StepOutput(done, previews, failed)
 
 
 def generate(engine: SamplerEngine, seeds: list[int], sampler: str = "ddpm", steps: int = 1000,

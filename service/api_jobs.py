@@ -18,6 +18,11 @@ from .scheduler import TERMINAL, JobError
 from .schemas import ERRORS, JOB_ERRORS, MAX_PREVIEWS, Image, ImageProgress, JobErrorInfo, JobInfo, JobRequest, Timings
 
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
+EVENTS_EXAMPLE = ('event: running\ndata: {"step": 0, "steps": 2000, "eta_s": null}\n\n'
+                  'event: progress\ndata: {"step": 400, "steps": 2000, "eta_s": 9.7}\n\n'
+                  'event: preview\ndata: {"index": 0, "step": 200, "png": "iVBORw0KGgo..."}\n\n'
+                  'event: completed\ndata: {"images": [{"seed": 7, "png": "iVBORw0KGgo..."}, '
+                  '{"seed": 8, "png": "iVBORw0KGgo..."}]}\n\n')
 
 
 def jobs_router(auth) -> APIRouter:
@@ -79,7 +84,7 @@ def jobs_router(auth) -> APIRouter:
         return await job_info(rt, record)
 
     @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
-        200: {"content": {"text/event-stream": {}}, "description":
+        200: {"content": {"text/event-stream": {"example": EVENTS_EXAMPLE}}, "description":
               "`queued` (queue_position), `running`, `progress` (step, steps, eta_s), `preview` (index, step, png: "
               "the image's x0 estimate, clipped to [-1, 1]), then exactly one of `completed` (images), `failed`, "
               "`cancelled` (reason, detail). A late subscriber gets the current state first. Disconnecting does "

@@ -46,3 +46,5 @@ class Metrics:
                           ["state"], registry=r)
         self.event_streams = Gauge(p + "open_event_streams", "Open Server-Sent Event streams of jobs", registry=r)
         self.previews = Counter(p + "previews_sent", "Preview images sent on event streams", registry=r)
+        self.non_finite = Counter(p + "non_finite_samples", "Samples that came out NaN or Inf (their request failed)",
+                                  registry=r)

@@ -46,8 +46,8 @@ class JobError(Exception):
     """Why a job was refused or ended without its images. `reason` is a word the API maps to an HTTP status
     (service/app.py); `retry_after` (seconds) where trying again later can work.
     Refused: queue_full, store_full, shutting_down, worker_failed. Ended: deadline, shutdown (past the drain's
-    grace), oom, failed (an error in a step), worker_failed, and, as cancelled: cancelled (DELETE), disconnect,
-    server_cancelled."""
+    grace), oom, failed (an error in a step), non_finite (an image came out NaN/Inf), worker_failed, and, as
+    cancelled: cancelled (DELETE), disconnect, server_cancelled."""
 
     def __init__(self, reason: str, message: str, retry_after: int | None = None):
         super().__init__(message)
@@ -326,6 +326,13 @@ class Scheduler:
                 job = self._active.get(job_id)
                 if job is not None:
                     job.notify("preview", index=index, step=step, image=image)
+            for job_id, index in out.failed:  # NaN/Inf: its request fails (its other rows leave before the next step)
+                job = self._active.get(job_id)
+                m.non_finite.inc()
+                if job is not None and job.id not in self._cancel:
+                    self._cancel[job.id] = (job, JobError(
+                        "non_finite", f"image {index} (seed {job.seed + index}) came out as NaN/Inf: the network's "
+                                      "output is not finite; no image is returned for this request"))
             for job_id, index, image in out.finished:
                 job = self._active.get(job_id)
                 if job is None:

@@ -448,3 +448,34 @@ def test_help_lists_every_setting_with_its_description():
     for name, field in S.model_fields.items():
         assert f"--{name.replace('_', '-')}" in r.stdout and f"CELEBA_DDPM_{name.upper()}" in r.stdout, name
         assert field.description and field.description.split(":")[0][:30] in " ".join(r.stdout.split()), name
+
+
+def _poison_seed_13(app):
+    """A faulty network: NaN for the sample of seed 13, from step 5 on; every other row is computed as usual."""
+    engine = app.state.runtime.engine
+    real = engine.runner
+    calls = {"n": 0}
+
+    def runner(x, t):
+        out = real(x, t)
+        calls["n"] += 1
+        bad = engine.seeds == 13
+        if calls["n"] >= 5 and bool(bad.any()):
+            out = out.clone()
+            out[bad] = float("nan")
+        return out
+    engine.runner = runner
+
+
+def test_a_network_that_returns_nan_fails_only_the_affected_request(tiny_weights):
+    with running(Settings(weights=tiny_weights, max_batch=8, warmup=False), app_hook=_poison_seed_13) as (url, _):
+        with ThreadPoolExecutor(2) as ex:
+            poisoned = ex.submit(post, url, {"n": 2, "seed": 12, "steps": 30, "sampler": "ddim"})
+            healthy = ex.submit(post, url, {"n": 1, "seed": 20, "steps": 30, "sampler": "ddim"})
+            bad, good = poisoned.result(), healthy.result()
+        assert bad.status_code == 500 and "seed 13" in bad.json()["detail"] and "NaN" in bad.json()["detail"]
+        assert good.status_code == 200
+        assert _nearly_equal(decode_png(good.json()["images"][0]["png"])[0],
+                             offline(tiny_weights, [20], "ddim", 30)[0])  # its batch-mate finished correctly
+        assert metric(url, "celeba_ddpm_non_finite_samples_total") == 1
+        assert metric(url, "celeba_ddpm_active_samples") == 0  # the poisoned request's other row left too
