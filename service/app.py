@@ -180,7 +180,7 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
     async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. invalid UTF-8): a 422 like any bad body
             rejected(request, "invalid")
-            return error(request, 422, "body: not valid JSON (it must be UTF-8)")
+            return error(request, 422, "body: not valid JSON (it must be UTF-8, nested at most ~1000 deep)")
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:  # Allow: every method of the path (Starlette names only the first route's)
             methods = set()

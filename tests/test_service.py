@@ -479,3 +479,17 @@ def test_a_network_that_returns_nan_fails_only_the_affected_request(tiny_weights
                              offline(tiny_weights, [20], "ddim", 30)[0])  # its batch-mate finished correctly
         assert metric(url, "celeba_ddpm_non_finite_samples_total") == 1
         assert metric(url, "celeba_ddpm_active_samples") == 0  # the poisoned request's other row left too
+
+
+def test_abusive_bodies_get_a_4xx_never_a_500(tiny_weights):
+    with running(Settings(weights=tiny_weights, warmup=False, max_body_bytes=65536)) as (url, _):
+        headers = {"content-type": "application/json"}
+        cases = {"invalid UTF-8": b'{"n": 1, "seed": \xff\xfe}', "nested arrays": b"[" * 5000 + b"]" * 5000,
+                 "nested objects": b'{"n": ' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}",
+                 "not JSON": b"\x00\x01\x02", "empty": b""}
+        for name, body in cases.items():
+            r = httpx.post(url + "/generate", content=body, headers=headers)
+            assert r.status_code == 422 and r.json()["detail"], (name, r.status_code, r.text)
+        r = httpx.get(url + "/healthz", headers={"X-Padding": "a" * 60_000})
+        assert r.status_code < 500
+        assert metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "invalid"}) >= len(cases)
