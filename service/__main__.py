@@ -69,7 +69,9 @@ def main(argv=None) -> int:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=a.log_level,
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+                            limit_concurrency=settings.limit_concurrency,
+                            timeout_keep_alive=settings.timeout_keep_alive)
     server = Server(config)
     server.run()
     if failed:

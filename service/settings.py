@@ -37,6 +37,9 @@ class Settings(BaseSettings):
         "auto", description="auto: on CPU a frozen TorchScript U-Net run in one shard per thread; eager on CUDA")
     warmup: bool = Field(True, description="one step at every batch size before reporting ready")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time to finish in-flight work")
+    limit_concurrency: int | None = Field(1000, ge=1, description="most open connections and tasks; beyond: 503 "
+                                          "(uvicorn's limit_concurrency; unset: no limit)")
+    timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
 
