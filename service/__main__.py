@@ -19,6 +19,7 @@ from model.device import pick_device  # noqa: E402
 from model.weights import WeightsError, load_weights  # noqa: E402
 
 from .app import create_app  # noqa: E402
+from .limits import RateLimits  # noqa: E402
 from .settings import Settings  # noqa: E402
 
 
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
         given = {k: v for k, v in vars(a).items() if k in Settings.model_fields and v is not None}
         settings = Settings(**given)
         settings.keys()  # a missing keys file is a bad setting, said now
+        RateLimits(settings.rate_limit_requests, settings.rate_limit_images)  # and so is '10 per fortnight'
     except ValueError as e:
         print(f"error: bad setting: {e}", file=sys.stderr)
         return 2

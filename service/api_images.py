@@ -30,7 +30,7 @@ def images_router(auth) -> APIRouter:
                        owner: str | None = Depends(auth)):
         seed, steps = check_limits(rt, body)
         job = new_job(rt, body, seed, steps)
-        submit(rt, job, owner, kind="request")
+        submit(rt, job, owner, kind="request", client=request.client.host if request.client else None)
         images = await wait_or_disconnect(request, rt, job)
         timings = Timings(queue_s=round(job.started_at - job.enqueued_at, 6),
                           generate_s=round(job.finished_at - job.started_at, 6))
@@ -66,7 +66,7 @@ def images_router(auth) -> APIRouter:
         seed, steps = check_limits(rt, req)
         every = max(1, steps // (body.partial_images + 1)) if body.stream and body.partial_images else 0
         job = new_job(rt, req, seed, steps, preview_every=every)
-        record = submit(rt, job, owner, kind="request")
+        record = submit(rt, job, owner, kind="request", client=request.client.host if request.client else None)
         # Subscribe before anything awaits: the worker's reports reach this loop only after, so none is missed.
         q = record.subscribe() if body.stream else None
         created = int(time.time())

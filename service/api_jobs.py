@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -36,7 +36,8 @@ def jobs_router(auth) -> APIRouter:
                                   "headers": {"Location": {"schema": {"type": "string"}}}}, **ERRORS},
                  description="The body of /generate plus `preview_every`. Returns at once with the job's handle. "
                              "An `Idempotency-Key` header returns the same job for a repeat while it is kept.")
-    async def create(body: JobRequest, rt: Runtime = Depends(runtime), owner: str | None = Depends(auth),
+    async def create(body: JobRequest, request: Request, rt: Runtime = Depends(runtime),
+                     owner: str | None = Depends(auth),
                      idempotency_key: str | None = Header(None, max_length=255)):
         if idempotency_key is not None:
             existing = rt.store.by_idempotency_key(owner, idempotency_key)
@@ -47,7 +48,7 @@ def jobs_router(auth) -> APIRouter:
             raise Invalid(f"preview_every: at most {MAX_PREVIEWS} previews per image: with {steps} steps, "
                           f"at least {-(-steps // MAX_PREVIEWS)}")
         record = submit(rt, new_job(rt, body, seed, steps, body.preview_every), owner, kind="job",
-                        idempotency_key=idempotency_key)
+                        idempotency_key=idempotency_key, client=request.client.host if request.client else None)
         return await _accepted(rt, record)
 
     async def _accepted(rt: Runtime, record: JobRecord) -> JSONResponse:

@@ -156,7 +156,7 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
 
     @app.exception_handler(JobError)
     async def job_error(request: Request, exc: JobError):
-        if exc.reason in ("queue_full", "store_full", "shutting_down", "worker_failed"):  # refused at the door
+        if exc.reason in ("rate_limited", "queue_full", "store_full", "shutting_down", "worker_failed"):  # at the door
             rejected(request, exc.reason)
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
         return error(request, REASON_STATUS.get(exc.reason, 500), exc.message, headers)

@@ -79,8 +79,11 @@ def check_limits(rt: Runtime, body: GenerateRequest) -> tuple[int, int]:
     return seed, steps
 
 
-def submit(rt: Runtime, job: Job, owner: str | None, kind: str, idempotency_key: str | None = None) -> JobRecord:
-    """Put a job in the store and the queue (both bounded: JobError store_full / queue_full when full)."""
+def submit(rt: Runtime, job: Job, owner: str | None, kind: str, idempotency_key: str | None = None,
+           client: str | None = None) -> JobRecord:
+    """Put a job in the store and the queue (both bounded: JobError store_full / queue_full when full), within the
+    caller's rate limits (JobError rate_limited)."""
+    rt.rate_limits.check(owner or client or "anonymous", job.n)
     store = rt.store
 
     def ended(record: JobRecord) -> None:

@@ -15,6 +15,7 @@ from model.engine import SamplerEngine
 from model.weights import LoadedWeights, load_weights
 
 from .jobs import JobStore
+from .limits import RateLimits
 from .metrics import Metrics
 from .scheduler import STATES, Scheduler
 from .settings import Settings
@@ -30,6 +31,7 @@ class Runtime:
     scheduler: Scheduler
     metrics: Metrics
     store: JobStore
+    rate_limits: RateLimits
     ready: bool = False
 
     def drain(self, grace_s: float | None = None) -> threading.Thread:
@@ -71,5 +73,6 @@ def build_runtime(settings: Settings, weights: LoadedWeights | None = None,
     store = JobStore(settings.max_jobs, settings.job_ttl_s)
     for state in STATES:
         metrics.jobs.labels(state).set_function(lambda state=state: store.count(state))  # at scrape time
-    rt = Runtime(settings, weights, engine, scheduler, metrics, store)
+    rt = Runtime(settings, weights, engine, scheduler, metrics, store,
+                 RateLimits(settings.rate_limit_requests, settings.rate_limit_images))
     return rt

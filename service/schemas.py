@@ -183,6 +183,8 @@ class Error(BaseModel):
 ERRORS = {
     401: {"model": Error, "description": "missing or wrong API key (when keys are configured)"},
     413: {"model": Error, "description": "request body too large"},
+    429: {"model": Error, "description": "over this caller's rate limit (RATE_LIMIT_REQUESTS / _IMAGES); see "
+                                         "Retry-After"},
     422: {"model": Error, "description": "invalid request: unknown field, wrong type or value out of range"},
     503: {"model": Error, "description": "queue or job store full, shutting down, out of GPU memory, or the "
                                          "denoising worker failed; see Retry-After"},
@@ -193,6 +195,6 @@ JOB_ERRORS = {404: {"model": Error, "description": "no such job, another key's j
 
 # The HTTP status for each reason a job is refused or ends without images (service/scheduler.py's JobError).
 REASON_STATUS = {
-    "queue_full": 503, "store_full": 503, "shutting_down": 503, "shutdown": 503, "worker_failed": 503, "oom": 503,
+    "rate_limited": 429, "queue_full": 503, "store_full": 503, "shutting_down": 503, "shutdown": 503, "worker_failed": 503, "oom": 503,
     "deadline": 504, "failed": 500, "non_finite": 500, "cancelled": 409, "disconnect": 499, "server_cancelled": 503,
 }

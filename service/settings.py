@@ -24,6 +24,10 @@ class Settings(BaseSettings):
                                       "'Authorization: Bearer <key>'")
     api_keys: SecretStr | None = Field(None, description="several keys, comma-separated (each sees only its own jobs)")
     api_keys_file: Path | None = Field(None, description="a file of keys, one per line (# comments allowed)")
+    rate_limit_requests: str | None = Field(None, description="per API key (or client address without keys), e.g. "
+                                            "'60/minute': generation requests beyond it get 429 + Retry-After")
+    rate_limit_images: str | None = Field(None, description="the same for images (a request of n counts n), e.g. "
+                                          "'600/minute'")
     max_jobs: int = Field(1000, ge=1, description="jobs kept at once (queued, running, finished); beyond: 503")
     job_ttl_s: float = Field(600.0, gt=0, description="how long a finished job's results are kept")
     max_steps: int | None = Field(None, ge=1, description="most denoising steps a request may ask for, and the "

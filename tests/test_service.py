@@ -493,3 +493,26 @@ def test_abusive_bodies_get_a_4xx_never_a_500(tiny_weights):
         r = httpx.get(url + "/healthz", headers={"X-Padding": "a" * 60_000})
         assert r.status_code < 500
         assert metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "invalid"}) >= len(cases)
+
+
+def test_rate_limits_per_key_answer_429_with_retry_after(tiny_weights):
+    settings = Settings(weights=tiny_weights, warmup=False, api_keys="k1,k2", rate_limit_requests="3/minute",
+                        rate_limit_images="5/minute")
+    with running(settings) as (url, _):
+        k1, k2 = ({"Authorization": f"Bearer {k}"} for k in ("k1", "k2"))
+        body = {"n": 1, "steps": 2, "sampler": "ddim"}
+        assert [post(url, body, headers=k1).status_code for _ in range(3)] == [200, 200, 200]
+        r = post(url, body, headers=k1)  # the 4th request in a minute
+        assert r.status_code == 429 and "rate limit" in r.json()["detail"] and 1 <= int(r.headers["retry-after"]) <= 60
+        assert post(url, body, headers=k2).status_code == 200  # another key has its own budget
+        assert post(url, {**body, "n": 5}, headers=k2).status_code == 429  # 1 + 5 images > 5 a minute
+        assert post(url, {**body, "n": 4}, headers=k2).status_code == 200  # a refused request counted nothing
+        r = httpx.post(url + "/v1/jobs", json=body, headers=k1)
+        assert r.status_code == 429  # the jobs route shares the budget
+        assert metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "rate_limited"}) == 3
+
+
+def test_a_bad_rate_limit_setting_is_refused_at_start():
+    r = subprocess.run([sys.executable, "-m", "service", "--rate-limit-requests", "10 per fortnight"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "bad setting" in r.stderr and "Traceback" not in r.stderr
