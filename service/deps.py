@@ -83,7 +83,8 @@ def submit(rt: Runtime, job: Job, owner: str | None, kind: str, idempotency_key:
            client: str | None = None) -> JobRecord:
     """Put a job in the store and the queue (both bounded: JobError store_full / queue_full when full), within the
     caller's rate limits (JobError rate_limited)."""
-    rt.rate_limits.check(owner or client or "anonymous", job.n)
+    caller = owner or client or "anonymous"
+    rt.rate_limits.check(caller, job.n)
     store = rt.store
 
     def ended(record: JobRecord) -> None:
@@ -96,6 +97,7 @@ def submit(rt: Runtime, job: Job, owner: str | None, kind: str, idempotency_key:
     except JobError:
         store.finished(record, keep=False)
         raise
+    rt.rate_limits.hit(caller, job.n)  # only accepted work counts (no await since check(): nothing slips between)
     return record
 
 

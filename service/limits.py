@@ -22,6 +22,7 @@ class RateLimits:
         self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
 
     def check(self, caller: str, n: int) -> None:
+        """Raise JobError rate_limited if a request of n images would go over a limit (counts nothing)."""
         for item, cost, what in ((self.requests, 1, "requests"), (self.images, n, "images")):
             if item is None:
                 continue
@@ -30,6 +31,9 @@ class RateLimits:
                 wait = max(1, math.ceil(stats.reset_time - time.time()))
                 raise JobError("rate_limited", f"rate limit: at most {item} {what} per caller; retry in {wait} s",
                                retry_after=wait)
+
+    def hit(self, caller: str, n: int) -> None:
+        """Count an accepted request of n images."""
         for item, cost, what in ((self.requests, 1, "requests"), (self.images, n, "images")):
             if item is not None:
                 self._limiter.hit(item, what, caller, cost=cost)
