@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_load import header  # noqa: E402
+from service_load import header, service  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLO = {"short": {"n": 4, "sampler": "dpm-solver++", "steps": 20}, "ddim": {"n": 2, "sampler": "ddim", "steps": 50},
@@ -53,21 +53,12 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="weights/celeba32-cpu.safetensors")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    port = 8000 + os.getpid() % 1000
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--weights", a.weights, "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"], cwd=ROOT,
-                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     lines = header(f"Reliability under mixed load ({a.users} Locust users, {a.runs} x {a.duration} s)", argv,
                    "bench/reliability.py")
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    procs = []
+    # the service's own defaults: max batch 16, queue 64
+    with service(a.weights, 16, ["--queue-size", "64"], on_start=procs.append) as url:
+        proc = procs[0]
         solo = {}
         for shape, body in SOLO.items():  # each shape alone, for goodput
             t0 = time.perf_counter()
@@ -119,9 +110,6 @@ def main(argv=None) -> int:
         lines += ["", f"Service RSS: {rss[0]:.0f} MB after warm-up, " +
                   ", ".join(f"{r:.0f} MB after run {i + 1}" for i, r in enumerate(rss[1:])) +
                   f" (growth across the two runs after the first: {rss[-1] - rss[1]:+.0f} MB; target < 50 MB).", ""]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

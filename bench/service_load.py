@@ -39,11 +39,15 @@ def _port() -> int:
 
 
 @contextmanager
-def service(weights: str, max_batch: int, extra: list[str] | None = None):
+def service(weights: str, max_batch: int, extra: list[str] | None = None, on_start=None):
+    """Yield the URL of `python -m service` on a free loopback port once /readyz answers; on_start(proc) if given.
+    extra flags come last, so they override the defaults here (e.g. --queue-size)."""
     port = _port()
     proc = subprocess.Popen([sys.executable, "-m", "service", "--weights", weights, "--port", str(port), "--host",
                              "127.0.0.1", "--max-batch", str(max_batch), "--queue-size", "1024",
                              "--log-level", "warning", *(extra or [])], cwd=ROOT)
+    if on_start is not None:
+        on_start(proc)
     url = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()
