@@ -109,10 +109,10 @@ def test_a_late_subscriber_gets_the_current_state_first(served):
 
 
 def _slow_steps(app):
-    """50 ms per step, so that HTTP round trips are short against a step."""
+    """100 ms per step, so that HTTP round trips are short against a step."""
     engine = app.state.runtime.engine
     real = engine.step
-    engine.step = lambda: (time.sleep(0.05), real())[1]
+    engine.step = lambda: (time.sleep(0.1), real())[1]
 
 
 def test_cancel_while_running_frees_the_slot_within_a_step(tiny_weights):
@@ -126,7 +126,9 @@ def test_cancel_while_running_frees_the_slot_within_a_step(tiny_weights):
         assert r.status_code == 200 and r.json()["state"] == "cancelled"
         assert r.json()["error"]["reason"] == "cancelled"
         after = r.json()["step"]
-        assert after - before <= 2 * 4  # its 4 samples took at most the step in flight and one more
+        # its 4 samples took at most: the step in flight at the GET, one while the DELETE travelled, the one in
+        # flight when it arrived (tests/test_scheduler.py checks the exact rule: gone before the next step)
+        assert after - before <= 3 * 4
         assert wait_state(url, queued["id"], ("succeeded",))["state"] == "succeeded"  # the freed slot was used
         assert get(url, long["id"]).json()["step"] == after  # and it never stepped again
         again = httpx.delete(f"{url}/v1/jobs/{long['id']}")  # cancelling a finished job: a no-op, its state

@@ -15,10 +15,10 @@ from service_helpers import running
 
 
 def _slow_steps(app):
-    """20 ms per step, so that a 20-step job lasts long enough to show previews on the way."""
+    """50 ms per step, so that a 20-step job lasts long enough (1 s) to show previews on the way."""
     engine = app.state.runtime.engine
     real = engine.step
-    engine.step = lambda: (time.sleep(0.02), real())[1]
+    engine.step = lambda: (time.sleep(0.05), real())[1]
 
 
 @pytest.fixture(scope="module")
