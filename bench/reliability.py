@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_load import header, service  # noqa: E402
+from service_load import header, report, service  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLO = {"short": {"n": 4, "sampler": "dpm-solver++", "steps": 20}, "ddim": {"n": 2, "sampler": "ddim", "steps": 50},
@@ -110,11 +110,7 @@ def main(argv=None) -> int:
         lines += ["", f"Service RSS: {rss[0]:.0f} MB after warm-up, " +
                   ", ".join(f"{r:.0f} MB after run {i + 1}" for i, r in enumerate(rss[1:])) +
                   f" (growth across the two runs after the first: {rss[-1] - rss[1]:+.0f} MB; target < 50 MB).", ""]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(text + "\n")
+    report(lines, a.out)
     return 0
 
 

@@ -69,6 +69,15 @@ def service(weights: str, max_batch: int, extra: list[str] | None = None, on_sta
             proc.kill()
 
 
+def report(lines: list[str], out: str | None) -> None:
+    """Print a results section and append it to `out` (a bench/results or docs file), if given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n")
+
+
 def header(title: str, argv, script: str = "bench/service_load.py") -> list[str]:
     return [f"# {title}", "",
             f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
