@@ -90,7 +90,7 @@ def submit(rt: Runtime, job: Job, owner: str | None, kind: str, idempotency_key:
     def ended(record: JobRecord) -> None:
         store.finished(record, keep=record.kind == "job")
 
-    record = JobRecord(job, owner, kind, idempotency_key, on_end=ended)
+    record = JobRecord(job, owner, kind, idempotency_key, on_end=ended, replica=rt.settings.replica)
     store.add(record)
     try:
         rt.scheduler.submit(job)

@@ -38,10 +38,12 @@ class JobRecord:
     """A job as the API sees it. Created and read on the event loop."""
 
     def __init__(self, job: Job, owner: str | None, kind: str = "job", idempotency_key: str | None = None,
-                 on_end: Callable[["JobRecord"], None] | None = None):
+                 on_end: Callable[["JobRecord"], None] | None = None, replica: str | None = None):
         """kind: 'job' (a /v1/jobs handle) or 'request' (/generate, /v1/images/generations: no handle).
-        on_end: called on the event loop when the job ends. Create on the event loop."""
-        self.id = secrets.token_urlsafe(16)  # unguessable: knowing an id is not enough without the owner's key
+        on_end: called on the event loop when the job ends. replica: this replica's name, the id's prefix (a load
+        balancer routes on it). Create on the event loop."""
+        token = secrets.token_urlsafe(16)  # unguessable: knowing an id is not enough without the owner's key
+        self.id = f"{replica}.{token}" if replica else token
         self.job, self.owner, self.kind, self.on_end = job, owner, kind, on_end
         self.loop = asyncio.get_running_loop()
         self.idempotency_key = idempotency_key

@@ -28,6 +28,8 @@ class Metrics:
         self.generation = Histogram(p + "generation_duration_seconds", "Time from first step to last image",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge(p + "queue_depth_requests", "Requests waiting for admission", registry=r)
+        self.queued_samples = Gauge(p + "queued_samples", "Samples of waiting requests not yet in the batch",
+                                    registry=r)
         self.active = Gauge(p + "active_samples", "Samples in the running batch", registry=r)
         self.batch_size = Histogram(p + "batch_size_samples", "Samples per denoising step", buckets=BATCH_BUCKETS,
                                     registry=r)

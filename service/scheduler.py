@@ -141,7 +141,7 @@ class Scheduler:
                 raise JobError("queue_full", f"queue full ({self.queue_size} requests waiting); retry later",
                                retry_after=max(1, int(self.estimate_wait_s())))
             self._pending.append(job)
-            self.metrics.queue_depth.set(len(self._pending))
+            self._queue_gauges()
             job.position = len(self._pending) - 1
             job.notify("queued", queue_position=job.position)
             self._cond.notify()
@@ -247,9 +247,15 @@ class Scheduler:
         self._queue_changed()
         return out
 
-    def _queue_changed(self) -> None:
-        """Under the lock: the queue depth metric, and each waiting job's new place in the queue."""
+    def _queue_gauges(self) -> None:
+        """Under the lock: the queue's depth in requests and in samples not yet admitted (what an autoscaler adds
+        to active_samples: deploy/k8s)."""
         self.metrics.queue_depth.set(len(self._pending))
+        self.metrics.queued_samples.set(sum(job.n - job.admitted for job in self._pending))
+
+    def _queue_changed(self) -> None:
+        """Under the lock: the queue gauges, and each waiting job's new place in the queue."""
+        self._queue_gauges()
         for position, job in enumerate(self._pending):
             if job.admitted == 0 and job.position != position:
                 job.position = position
@@ -384,7 +390,7 @@ class Scheduler:
             for job in jobs:
                 if job in self._pending:
                     self._pending.remove(job)
-            self.metrics.queue_depth.set(len(self._pending))
+            self._queue_gauges()
         for job in jobs:
             self._fail(job, error)
         self.engine.clear()
@@ -395,7 +401,7 @@ class Scheduler:
             self._pending.clear()
             self._active.clear()
             self._cancel.clear()
-            self.metrics.queue_depth.set(0)
+            self._queue_gauges()
         for job in jobs:
             self._fail(job, error)
 

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     limit_concurrency: int | None = Field(1000, ge=1, description="most open connections and tasks; beyond: 503 "
                                           "(uvicorn's limit_concurrency; unset: no limit)")
     timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    replica: str | None = Field(None, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                                description="this replica's name, put in front of its job ids (NAME.token) so that a "
+                                "load balancer sends a job's requests to the replica that holds it (deploy/nginx); "
+                                "e.g. api-0, or the pod IP with dashes on Kubernetes")
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
 

@@ -301,3 +301,16 @@ def test_ten_thousand_jobs_keep_the_store_and_memory_bounded(tiny_weights):
     gc.collect()
     assert max(sizes) <= 64 and len(rt.store._expired) <= 500 and len(rt.store) <= 64
     assert len(alive) <= 2 * 64, f"{len(alive)} job objects of 10,000 still alive"
+
+
+def test_a_replica_name_prefixes_job_ids(tiny_weights):
+    """REPLICA=api-0: ids are 'api-0.<token>' (what deploy/nginx routes on; tests/test_load_balancer.py), and the
+    whole id still finds the job. A name a proxy could not route on is a bad setting."""
+    for bad in ("API_0", "-a", "a.b", "x" * 64):
+        with pytest.raises(ValueError):
+            Settings(replica=bad)
+    with running(Settings(weights=tiny_weights, replica="api-0", warmup=False)) as (url, _):
+        info = start(url, {"n": 1, "steps": 2, "sampler": "ddim"})
+        prefix, token = info["id"].split(".")
+        assert prefix == "api-0" and len(token) >= 20
+        assert wait_state(url, info["id"], ("succeeded", "failed", "cancelled"))["state"] == "succeeded"

@@ -295,3 +295,22 @@ def test_drain_is_idempotent_and_fails_what_outlives_the_grace(unet):
     t1.join(10)
     assert not t1.is_alive() and s.healthy()  # stopped on purpose: not a failure
     assert isinstance(long.future, concurrent.futures.Future)
+
+
+def test_queued_samples_counts_what_is_not_yet_in_the_batch(unet):
+    """queued_samples + active_samples is what the autoscaler reads (deploy/k8s): a request admitted in parts
+    counts its rows still outside the batch, and the two add up to every accepted sample."""
+    s, engine, _ = make(unet, max_batch=3)
+    gauge = lambda name: getattr(s.metrics, name)._value.get()  # noqa: E731
+    a, b = job(n=5, steps=1000), job(n=2, steps=1000)
+    s.submit(a)
+    s.submit(b)
+    assert gauge("queued_samples") == 7 and gauge("queue_depth") == 2
+    s.start()
+    wait_for(lambda: gauge("active") == 3)
+    assert gauge("queued_samples") == 4 and gauge("queue_depth") == 2  # a: 2 rows wait, b: 2
+    s.cancel(a, JobError("disconnect", "gone"))
+    wait_for(lambda: gauge("queued_samples") == 0 and gauge("active") == 2)  # b moves in
+    s.cancel(b, JobError("disconnect", "gone"))
+    wait_for(lambda: gauge("active") == 0)
+    s.stop()
