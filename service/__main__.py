@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=a.log_level,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
                             limit_concurrency=settings.limit_concurrency,
-                            timeout_keep_alive=settings.timeout_keep_alive)
+                            timeout_keep_alive=settings.timeout_keep_alive,
+                            forwarded_allow_ips=settings.forwarded_allow_ips)
     server = Server(config)
     server.run()
     if failed:

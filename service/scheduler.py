@@ -185,8 +185,14 @@ class Scheduler:
             time.sleep(0.05)
         with self._cond:
             err = JobError("shutdown", "the service shut down before this request finished", retry_after=5)
-            for job in list(self._pending) + list(self._active.values()):
+            left = list(self._pending) + list(self._active.values())
+            for job in left:
                 self._cancel[job.id] = (job, err)
+            if left:
+                log.warning("drain: %d request(s) unfinished after the grace of %g s: failing them with 503",
+                            len(left), grace_s)
+            else:
+                log.info("drain: in-flight work finished")
             self._stop = True
             self._cond.notify()
         if self._thread.is_alive():

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
                                 description="this replica's name, put in front of its job ids (NAME.token) so that a "
                                 "load balancer sends a job's requests to the replica that holds it (deploy/nginx); "
                                 "e.g. api-0, or the pod IP with dashes on Kubernetes")
+    forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-For is trusted for the "
+                                     "client address (rate limits, logs): comma-separated IPs or CIDRs, or *")
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
 
