@@ -68,6 +68,18 @@ def metric(url: str, name: str, labels: dict | None = None) -> float:
     return 0.0
 
 
+def exported_series() -> set[str]:
+    """Every series name the service's /metrics can show (a histogram's _bucket, _sum and _count; a counter's
+    _total), read from a fresh registry: what dashboards and autoscalers may query."""
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""], "info": ["_info"]}
+    families = text_string_to_metric_families(generate_latest(Metrics().registry).decode())
+    return {f.name + s for f in families for s in suffixes[f.type]}
+
+
 def decode_png(data: bytes | str) -> tuple[np.ndarray, dict]:
     if isinstance(data, str):
         data = base64.b64decode(data)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from service_helpers import exported_series
 
 
 def test_dockerfile_runs_the_install_script_and_is_production_shaped():
@@ -48,14 +49,7 @@ def _dashboard_exprs() -> list[str]:
 
 
 def test_grafana_dashboard_queries_only_metrics_the_service_exports():
-    from prometheus_client import generate_latest
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from service.metrics import Metrics
-
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""], "info": ["_info"]}
-    exported = {f.name + s for f in text_string_to_metric_families(generate_latest(Metrics().registry).decode())
-                for s in suffixes[f.type]}
+    exported = exported_series()
     used = {m for e in _dashboard_exprs() for m in re.findall(r"\bceleba_ddpm_\w+", e)}
     assert used and used <= exported, used - exported
     # the dashboard's panels cover throughput, latency, errors and saturation
