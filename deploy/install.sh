@@ -1,6 +1,7 @@
 #!/bin/sh
 # The project's install step, shared by the Dockerfile and tests/test_deploy.py (which runs it in a fresh
-# virtual environment). torch comes from the environment (the CUDA base image, or the CPU build in CI).
+# virtual environment). torch comes from the environment (the Dockerfile's torch==2.13.0 layer, or the CPU build in
+# the test).
 set -eu
 cd "${1:-.}"
 python -m pip install --no-cache-dir --no-compile ".[serve]"

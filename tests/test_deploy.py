@@ -12,7 +12,10 @@ from service_helpers import exported_series
 
 def test_dockerfile_runs_the_install_script_and_is_production_shaped():
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime$", text, re.M)  # pinned tag
+    assert re.search(r"^FROM python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}$", text, re.M)  # pinned tag and digest
+    # the image's torch is the one CI installs (and every test here runs)
+    ci_torch = re.search(r"pip install -q (torch==[\d.]+)", (ROOT / ".ci" / "run").read_text())[1]
+    assert f"RUN pip install --no-cache-dir {ci_torch}\n" in text
     assert "RUN sh deploy/install.sh /app" in text
     assert re.search(r"^USER \d+$", text, re.M) and "EXPOSE 8000" in text and "HEALTHCHECK" in text
     assert '/healthz' in text and 'CMD ["python", "-m", "service"]' in text
