@@ -12,6 +12,7 @@ FlopCounterMode) and the achieved FLOP/s.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -35,19 +36,26 @@ def flops_per_image(unet, size: int, device, dtype) -> float:
     return float(fc.get_total_flops())
 
 
-def matmul_peak_flops(device, dtype, n: int = 2048, reps: int = 10) -> float:
-    """The device's practical peak: best FLOP/s of an n x n matmul (what the U-Net's convs could reach at most)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def matmul_peak_flops(device, dtype, sizes=(512, 1024, 2048), repeats: int = 5) -> tuple[float, int]:
+    """The device's practical peak: the best FLOP/s of square matmuls over several sizes, each timed `repeats`
+    times over ~0.2 s (what the U-Net's convs could reach at most), and the size that reached it."""
+    best, at = 0.0, 0
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        reps = max(3, int(4e8 / (2 * n**3) * (100 if device.type == "cuda" else 1)))
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            flops = 2 * n**3 * reps / (time.perf_counter() - t0)
+            if flops > best:
+                best, at = flops, n
+    return best, at
 
 
 def time_ours(w, device, dtype, batch: int, steps: int) -> float:
@@ -91,7 +99,7 @@ def main(argv=None) -> int:
         p.error("--steps takes one value or one per --batch value")
     steps = a.steps * len(a.batch) if len(a.steps) == 1 else a.steps
     flops = flops_per_image(w.unet.to(device, dtype), w.unet.config.image_size, device, dtype)
-    peak = matmul_peak_flops(device, dtype)
+    peak, peak_n = matmul_peak_flops(device, dtype)
     rows = []
     for b, n in zip(a.batch, steps):
         ours = time_ours(w, device, dtype, b, n)
@@ -108,7 +116,9 @@ def main(argv=None) -> int:
         f"{torch.__version__}",
         f"- command: `python bench/sampler.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- U-Net FLOPs per image per step: {flops / 1e9:.3f} GFLOP (FlopCounterMode); device peak measured as the "
-        f"best 2048x2048 matmul: {peak / 1e9:.1f} GFLOP/s",
+        f"best square matmul of 512, 1024 and 2048 x 5 repeats: {peak / 1e9:.1f} GFLOP/s (at {peak_n}x{peak_n})",
+        f"- OMP_WAIT_POLICY: {os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default)')} for both; ours runs "
+        f"the U-Net on its default runner ({SamplerEngine(w.unet, w.diffusion, device, dtype).runner.mode})",
         "- img/s: images per second of the full 1000-step chain (rows with fewer steps are scaled: every step costs "
         "the same); the physical limit at that peak would be "
         f"{peak / (flops * 1000):.3f} img/s", "",

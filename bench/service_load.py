@@ -98,6 +98,7 @@ def latency(a, argv) -> str:
                 assert resp.status_code == 200 and len(resp.json()["images"]) == n, resp.text[:200]
                 measured.append((n, dt, resp.json()["timings"]))
                 print(f"n={n}: {dt:.2f} s", flush=True)
+        runner = httpx.get(url + "/v1/model", timeout=10).json().get("runner")
     theirs = {}
     if a.diffusers:
         import torch
@@ -117,7 +118,11 @@ def latency(a, argv) -> str:
     return "\n".join(header("Service latency, 1000-step ddpm requests, one at a time", argv) + [
         "diffusers: the same weights in diffusers' DDPMPipeline (UNet2DModel via model/diffusers_compat.py, "
         "DDPMScheduler with the same schedule and prediction type, no clipping), same batch size, CPU fp32, "
-        "run after the service stopped; it returns arrays, so it has no HTTP or PNG work to do.", "",
+        "run after the service stopped; it returns arrays, so it has no HTTP or PNG work to do. "
+        f"The service ran the U-Net on its `{runner}` runner with OMP_WAIT_POLICY=PASSIVE (its setting); "
+        "diffusers with OMP_WAIT_POLICY "
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default: its best alone)')}.",
+        "",
         "| n | steps | service end-to-end s | queue s | generate s | diffusers DDPMPipeline s | service speed-up |",
         "| --- | --- | --- | --- | --- | --- | --- |"] + rows) + "\n"
 

@@ -6,6 +6,8 @@ Each policy runs in a fresh process (OpenMP reads its environment once, at start
 process keeps both cores busy with a 2-thread matmul loop, as a second service or a training run on the same
 host would. ACTIVE spin-waiting between ops is fastest alone but can collapse when the cores are shared;
 PASSIVE threads sleep between ops and pay a wake-up per op; GOMP_SPINCOUNT bounds the spin before sleeping.
+A second table does the same for ONNX Runtime's options (its own thread pool, spinning or not, vs the runner's
+single-threaded shards).
 """
 
 import argparse
@@ -43,12 +45,45 @@ with torch.inference_mode():
         t0 = time.perf_counter(); m(x, t); print(time.perf_counter() - t0)
 """
 
+# ONNX Runtime's own thread pool (model/runner_onnx.py): its idle threads spin unless allow_spinning=0. The runner
+# splits the batch into single-threaded sessions instead (nothing to spin); both are measured here.
+ORT_OPTIONS = {
+    "ORT: 2 shards x 1-thread session, no spinning (the runner)": "runner",
+    "ORT: 1 session x 2 threads, spinning (ORT's default)": "spin",
+    "ORT: 1 session x 2 threads, allow_spinning=0": "nospin",
+}
+
+PROBE_ORT = r"""
+import sys, time, torch
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from model.runner import ModelRunner
+from model.runner_onnx import OnnxUNet
+from model.unet import PRESETS, UNet
+torch.manual_seed(0)
+batch, reps, option, cache = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
+m = UNet(PRESETS["cpu32"]).eval()
+if option == "runner":
+    f = ModelRunner(m, torch.device("cpu"), torch.float32, torch.channels_last, "onnx", 2, cache_dir=cache)
+else:
+    f = OnnxUNet(m, cache, threads=2, spinning=option == "spin")
+x = torch.randn(batch, 3, 32, 32)
+t = torch.full((batch,), 500.0)
+with torch.inference_mode():
+    for _ in range(10):
+        f(x, t)
+    for _ in range(reps):
+        t0 = time.perf_counter(); f(x, t); print(time.perf_counter() - t0)
+"""
+
 BUSY = "import torch\ntorch.set_num_threads(2)\na = torch.randn(384, 384)\nwhile True:\n    a @ a\n"
 
 
-def measure(env: dict, batch: int, reps: int) -> float:
+def measure(env: dict, batch: int, reps: int, ort_option: str | None = None, cache: str = "") -> float:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    r = subprocess.run([sys.executable, "-c", PROBE, str(ROOT), str(batch), str(reps)], env={**clean, **env},
+    args = [PROBE_ORT if ort_option else PROBE, str(ROOT), str(batch), str(reps)]
+    args += [ort_option, cache] if ort_option else []
+    r = subprocess.run([sys.executable, "-c", *args], env={**clean, **env},
                        capture_output=True, text=True, timeout=600, check=True)
     return statistics.median(float(x) for x in r.stdout.split()) * 1e3
 
@@ -58,8 +93,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=2, help="repeat the whole table, interleaved (noisy machines)")
+    p.add_argument("--ort-batch", type=int, nargs="*", default=[1, 4], help="batch sizes for the ORT table")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="onnx-cache-")  # one export, shared by the ORT probes
     results: dict[tuple[str, str], list[float]] = {}
     for _ in range(a.rounds):
         for cond in ("alone", "busy neighbour"):
@@ -68,6 +107,10 @@ def main(argv=None):
                 time.sleep(1 if busy else 0)
                 for name, env in POLICIES.items():
                     results.setdefault((name, cond), []).append(measure(env, a.batch, a.reps))
+                for b in a.ort_batch:
+                    for name, option in ORT_OPTIONS.items():
+                        results.setdefault((f"{name}, batch {b}", cond), []).append(
+                            measure({"OMP_WAIT_POLICY": "PASSIVE"}, b, a.reps, option, cache))
             finally:
                 if busy:
                     busy.kill()
@@ -83,6 +126,13 @@ def main(argv=None):
     for name in POLICIES:
         cells = [" / ".join(f"{v:.1f}" for v in results[name, c]) for c in ("alone", "busy neighbour")]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    lines += ["", "ONNX Runtime (model/runner_onnx.py), cpu32 U-Net, OMP_WAIT_POLICY=PASSIVE for torch:", "",
+              "| option | alone, ms | busy neighbour, ms |", "| --- | --- | --- |"]
+    for b in a.ort_batch:
+        for name in ORT_OPTIONS:
+            key = f"{name}, batch {b}"
+            cells = [" / ".join(f"{v:.1f}" for v in results[key, c]) for c in ("alone", "busy neighbour")]
+            lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -9,6 +9,7 @@ the CLI and the service produce the same pixels.
 
 from __future__ import annotations
 
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable
 
@@ -63,14 +64,15 @@ class SamplerEngine:
 
     def __init__(self, unet: UNet, diffusion: Diffusion, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, memory_format: str | torch.memory_format = "auto",
-                 noise_chunk_elems: int = 1 << 22, runner: str = "auto", workers: int | None = None):
+                 noise_chunk_elems: int = 1 << 22, runner: str = "auto", workers: int | None = None,
+                 cache_dir: Path | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
         if isinstance(memory_format, str):
             memory_format = pick_memory_format(memory_format, self.device)
         self.memory_format = memory_format
         self.unet = unet.to(self.device, dtype).eval().to(memory_format=self.memory_format)
-        self.runner = ModelRunner(self.unet, self.device, dtype, self.memory_format, runner, workers)
+        self.runner = ModelRunner(self.unet, self.device, dtype, self.memory_format, runner, workers, cache_dir)
         self.diffusion = diffusion
         cfg = unet.config
         self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)

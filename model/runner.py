@@ -1,18 +1,21 @@
 """The model runner: the engine's one call into the U-Net, made as fast as the device allows.
 
-On CPU a small U-Net's step is not all convolution. Measured on 2 cores with the shipped cpu32 model
-(bench/results/runner-cpu.md):
+On CPU a small U-Net's step is not all convolution: it is bound by per-op overhead and thread wake-ups. Measured on
+2 cores with the shipped cpu32 model (bench/results/runner-backends-cpu.md, bench/results/runner-cpu.md):
   - Python dispatch: eager PyTorch spends ~6 of the 16 ms of a batch-1 forward calling ~170 small ops from
-    Python. A frozen TorchScript trace runs the same ATen ops from C++, without the GIL.
-  - Intra-op threads: the ops are too small for two threads to share well (a batch-4 forward is only 1.2x faster
-    on 2 threads than on 1). Splitting the batch into one shard per core, each run single-threaded and all at once,
-    keeps every core busy with whole ops.
-Together: 1.6x over the eager forward at batch 1 and 4, 1.3x at 16, 1.15x at 64; the same numbers to ~1e-6
-(tests/test_runner.py).
+    Python. A compiled graph runs them from C++: ONNX Runtime (model/runner_onnx.py, fused operators, shapes
+    planned per batch size) or a frozen TorchScript trace.
+  - Intra-op threads: the ops are too small for two threads to share well. Splitting the batch into one shard per
+    core, each run single-threaded and all at once, keeps every core busy with whole ops.
+The default on CPU (`auto`, fp32) is ONNX Runtime in shards: about 2x the TorchScript runner at batch 1 and
+1.1-1.5x at 4-64, which itself is 1.2-1.6x eager; the same numbers to ~1e-6 (tests/test_runner.py). The choice is
+fixed, not timed at start-up, so that the CLI and the service run the same kernels and give the same PNGs.
+Where onnxruntime or the export is unavailable the runner falls back to TorchScript, then eager, and says so
+(`mode`, shown in /v1/model and the model_info metric).
 
-Why TorchScript, deprecated as it is: torch.compile takes 60-140 s per batch shape on 2 cores and recompiles as
-the batch size changes, and torch.export / FX still run every op from Python. Where torch.jit is gone the runner
-falls back to eager and says so.
+Why not torch.compile: it takes 60-140 s per batch shape on 2 cores and recompiles as the batch size changes;
+torch.export / FX still run every op from Python. TorchScript is deprecated; where torch.jit is gone the script
+runner falls back to eager.
 
 On CUDA the runner calls the module as it is, eagerly. That is launch-bound at small batches, not GPU-bound: a
 cpu32 forward dispatches 299 ATen ops and a celeba64 one 591 (counted with a TorchDispatchMode on CPU; about one
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,27 +38,45 @@ from .unet import UNet
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "script", "eager")
+MODES = ("auto", "onnx", "script", "eager")
 
 
 class ModelRunner:
-    """`runner(x, t)` == `module(x, t)`, faster. mode: 'auto' (script for a UNet on CPU, else eager), 'script'
-    (CPU only), 'eager'. workers: CPU shards run at once (default: torch's intra-op thread count).
-    A script runner holds the weights as they were when it was built: build a new one after changing them."""
+    """`runner(x, t)` == `module(x, t)`, faster. mode: 'auto' (on CPU, a UNet in fp32 runs on ONNX Runtime where
+    it is installed, else TorchScript; eager on CUDA), 'onnx' and 'script' (CPU only, each falling back to the
+    next: onnx, script, eager), 'eager'. workers: CPU shards run at once (default: torch's intra-op thread count).
+    cache_dir, static_max: for onnx (model/runner_onnx.py). `mode` says what runs.
+    An onnx or script runner holds the weights as they were when it was built: build a new one after changing them."""
 
     def __init__(self, module: nn.Module, device: torch.device, dtype: torch.dtype,
                  memory_format: torch.memory_format = torch.contiguous_format, mode: str = "auto",
-                 workers: int | None = None):
+                 workers: int | None = None, cache_dir: Path | None = None, static_max: int | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown runner mode {mode!r} (expected one of {', '.join(MODES)})")
-        if mode == "script" and device.type != "cpu":
-            raise ValueError("runner mode 'script' is for CPU; CUDA runs eager")
+        if mode in ("onnx", "script") and device.type != "cpu":
+            raise ValueError(f"runner mode {mode!r} is for CPU; CUDA runs eager")
         if mode == "auto":
             # Only our own U-Net is known to trace into a batch-size-independent graph (tests/test_runner.py).
-            mode = "script" if device.type == "cpu" and isinstance(module, UNet) else "eager"
+            compiled = "onnx" if dtype == torch.float32 else "script"
+            mode = compiled if device.type == "cpu" and isinstance(module, UNet) else "eager"
+        if mode == "onnx" and dtype != torch.float32:
+            raise ValueError("runner mode 'onnx' runs fp32 (this CPU has no fast bf16)")
         self.workers = max(1, workers or torch.get_num_threads())
         self.mode = "eager"
         self.fn = module
+        if mode == "onnx":
+            try:
+                from .runner_onnx import STATIC_MAX, OnnxUNet
+
+                self.fn = OnnxUNet(module, cache_dir, threads=1,
+                                   static_max=STATIC_MAX if static_max is None else static_max)
+                self.mode = "onnx"
+            except ImportError as e:
+                log.warning("onnxruntime is not installed (%s); trying TorchScript", e)
+                mode = "script"
+            except Exception as e:  # an export or session ORT cannot build: say so and go on
+                log.warning("ONNX Runtime runner unavailable (%s: %s); trying TorchScript", type(e).__name__, e)
+                mode = "script"
         if mode == "script":
             try:
                 self.fn = _freeze_trace(module, device, dtype, memory_format)
@@ -62,9 +84,9 @@ class ModelRunner:
             except (AttributeError, RuntimeError) as e:  # torch.jit removed, or a graph it cannot trace
                 log.warning("TorchScript trace failed (%s); running the U-Net eagerly", e)
         # Shards run on this pool (its threads start on first use). Each worker's OpenMP thread count is its own:
-        # 1, so the shards share the cores, not each op.
+        # 1, so the shards share the cores, not each op (ONNX Runtime's sessions are single-threaded likewise).
         self._pool = None
-        if self.mode == "script" and self.workers > 1:
+        if self.mode in ("onnx", "script") and self.workers > 1:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="unet-shard",
                                             initializer=torch.set_num_threads, initargs=(1,))
 

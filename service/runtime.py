@@ -54,7 +54,8 @@ def build_runtime(settings: Settings, weights: LoadedWeights | None = None,
     dtype = pick_dtype(settings.dtype, device)
     weights = weights or load_weights(settings.weights)
     engine = SamplerEngine(weights.unet, weights.diffusion, device, dtype, memory_format=settings.memory_format,
-                           runner=settings.runner, workers=settings.threads)
+                           runner=settings.runner, workers=settings.threads,
+                           cache_dir=settings.cache_dir)
     metrics = Metrics()
     metrics.model.info({"name": weights.name, "sha256": weights.sha256,
                         "resolution": str(weights.unet.config.image_size), "device": str(device),

@@ -37,8 +37,11 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto", description="auto: channels_last on CPU, contiguous on CUDA (GroupNorm there returns NCHW)")
-    runner: Literal["auto", "script", "eager"] = Field(
-        "auto", description="auto: on CPU a frozen TorchScript U-Net run in one shard per thread; eager on CUDA")
+    runner: Literal["auto", "onnx", "script", "eager"] = Field(
+        "auto", description="auto: on CPU the U-Net on ONNX Runtime (else frozen TorchScript), one shard per "
+        "thread; eager on CUDA")
+    cache_dir: Path | None = Field(None, description="where the ONNX export of the U-Net is cached (default: "
+                                   "$XDG_CACHE_HOME/celeba-ddpm or ~/.cache/celeba-ddpm)")
     warmup: bool = Field(True, description="one step at every batch size before reporting ready")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time to finish in-flight work")
     limit_concurrency: int | None = Field(1000, ge=1, description="most open connections and tasks; beyond: 503 "

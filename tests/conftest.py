@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ CELEBA = ROOT.parent / "shared" / "data" / "celeba"
 CELEBA_TAR = CELEBA / "img_align_celeba_89x109_000001-009000.tar"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The ONNX Runtime runner caches its exports under $XDG_CACHE_HOME (model/runner_onnx.py): tests and the services
+# they start use a fresh one, never the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="celeba-ddpm-test-cache-")
 
 
 def make_tiny_weights(path: Path, seed: int = 0, preset: str = "tiny") -> Path:

@@ -1,6 +1,9 @@
 """The model runner computes what the module computes, at every batch size, without taking the process's threads."""
 
+import copy
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +12,9 @@ from torch import nn
 
 from model.diffusion import Diffusion
 from model.engine import SamplerEngine, generate
+from model import runner_onnx
 from model.runner import ModelRunner
+from model.runner_onnx import OnnxUNet
 from model.unet import PRESETS, UNet
 
 CPU = torch.device("cpu")
@@ -42,8 +47,10 @@ def test_script_runner_matches_the_module_at_every_batch_size(unet, workers):
     runner.close()
 
 
-def test_auto_mode_scripts_only_our_unet_on_cpu(unet):
-    assert ModelRunner(unet, CPU, torch.float32).mode == "script"
+def test_auto_mode_compiles_only_our_unet_on_cpu(unet):
+    assert ModelRunner(unet, CPU, torch.float32).mode == "onnx"
+    bf16 = copy.deepcopy(unet).to(torch.bfloat16)
+    assert ModelRunner(bf16, CPU, torch.bfloat16).mode == "script"  # the ONNX runner is fp32 only
 
     class Other(nn.Module):
         def forward(self, x, t):
@@ -84,6 +91,8 @@ def test_bad_modes_are_refused(unet):
         ModelRunner(unet, CPU, torch.float32, mode="fast")
     with pytest.raises(ValueError, match="'script' is for CPU"):
         ModelRunner(unet, torch.device("cuda"), torch.float32, mode="script")
+    with pytest.raises(ValueError, match="'onnx' runs fp32"):
+        ModelRunner(unet, CPU, torch.bfloat16, mode="onnx")
 
 
 def test_shards_run_single_threaded_and_leave_the_callers_threads_alone(unet):
@@ -106,3 +115,76 @@ def test_engine_gives_the_same_images_scripted_and_eager(unet):
     scripted = generate(script, seeds, "ddim", 30, batch_size=3)
     diff = np.abs(eager.astype(int) - scripted.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() <= 0.001
+
+
+# ---- ONNX Runtime (model/runner_onnx.py) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_onnx_runner_matches_the_module_at_every_batch_size(unet, workers, tmp_path):
+    """Static sessions up to STATIC_MAX (8), one dynamic session beyond, in uneven shards."""
+    runner = ModelRunner(unet, CPU, torch.float32, torch.channels_last, "onnx", workers, cache_dir=tmp_path)
+    assert runner.mode == "onnx"
+    with torch.inference_mode():
+        for b in (1, 2, 3, 5, 8, 9, 20):
+            x, t = _inputs(b)
+            out = runner(x, t)
+            assert out.shape == (b, 3, 8, 8)
+            torch.testing.assert_close(out, unet(x, t), rtol=1e-5, atol=1e-5, check_stride=False)
+    runner.close()
+
+
+def test_auto_runs_onnx_on_cpu_and_falls_back_to_script_without_onnxruntime(unet, tmp_path, monkeypatch):
+    assert ModelRunner(unet, CPU, torch.float32, cache_dir=tmp_path).mode == "onnx"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    assert ModelRunner(unet, CPU, torch.float32, cache_dir=tmp_path).mode == "script"
+    assert ModelRunner(unet, CPU, torch.float32, mode="onnx", cache_dir=tmp_path).mode == "script"
+    with pytest.raises(ValueError, match="'onnx' is for CPU"):
+        ModelRunner(unet, torch.device("cuda"), torch.float32, mode="onnx")
+
+
+def _export_calls(monkeypatch) -> list:
+    calls, real = [], runner_onnx.export
+    monkeypatch.setattr(runner_onnx, "export", lambda m, p: (calls.append(p), real(m, p))[1])
+    return calls
+
+
+def test_the_export_is_cached_by_weights_and_a_bad_entry_is_rebuilt(unet, tmp_path, monkeypatch):
+    calls = _export_calls(monkeypatch)
+    first = OnnxUNet(unet, tmp_path)
+    assert len(calls) == 1 and first.path.parent == tmp_path and first.path.exists()
+    assert OnnxUNet(unet, tmp_path).path == first.path and len(calls) == 1  # from the cache
+    other = UNet(PRESETS["tiny"]).eval()  # other weights: another key
+    assert OnnxUNet(other, tmp_path).path != first.path and len(calls) == 2
+    x, t = _inputs(2)
+    for damage in (b"", b"not an onnx graph", other_graph := OnnxUNet(other, tmp_path).path.read_bytes()):
+        first.path.write_bytes(damage)  # truncated, garbage, or a valid graph of other weights
+        n = len(calls)
+        rebuilt = OnnxUNet(unet, tmp_path)
+        assert len(calls) == n + 1, f"a bad cache entry ({len(damage)} bytes) was trusted"
+        with torch.inference_mode():
+            torch.testing.assert_close(rebuilt(x.contiguous(), t), unet(x, t), rtol=1e-5, atol=1e-5)
+    assert other_graph and sorted(p.suffix for p in tmp_path.iterdir()) == [".onnx", ".onnx"]  # no temp files left
+
+
+def test_a_failed_export_leaves_nothing_in_the_cache(unet, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        Path(args[2]).write_bytes(b"half a graph")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(torch.onnx, "export", boom)
+    runner = ModelRunner(unet, CPU, torch.float32, mode="onnx", cache_dir=tmp_path)
+    assert runner.mode == "script"  # said in the log, and the service's /v1/model says what runs
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_engine_gives_the_same_images_on_onnx_and_eager_and_onnx_is_batch_invariant(unet, tmp_path):
+    d = Diffusion()
+    seeds = [5, 6, 7]
+    eager = generate(SamplerEngine(unet, d, runner="eager"), seeds, "ddim", 30, batch_size=3)
+    onnx = SamplerEngine(unet, d, runner="onnx", workers=2)
+    assert onnx.runner.mode == "onnx"
+    together = generate(onnx, seeds, "ddim", 30, batch_size=3)
+    alone = np.concatenate([generate(onnx, [s], "ddim", 30, batch_size=1) for s in seeds])
+    for other in (eager, alone):
+        diff = np.abs(together.astype(int) - other.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() <= 0.001

@@ -1,0 +1,148 @@
+"""U-Net forward time on CPU by backend and thread option, side by side in one run: eager PyTorch, the frozen
+TorchScript runner, ONNX Runtime (each thread/shape option) and OpenVINO, plus a matmul peak for the "of peak" column.
+
+Interleaved rounds (A, B, C, A, B, C, ...) so that a slow spell on a noisy machine hits every backend alike; the
+table gives the best round and the median. Every backend's output is checked against eager first.
+
+    python bench/runner_backends.py --batch 1 4 16 64 --out bench/results/runner-backends-cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from model.runner import ModelRunner  # noqa: E402
+from model.runner_onnx import OnnxUNet  # noqa: E402
+from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
+from sampler import matmul_peak_flops  # noqa: E402  (bench/sampler.py, this folder)
+
+
+class OpenVinoUNet:
+    def __init__(self, module, threads: int):
+        import openvino as ov
+
+        cfg = module.config
+        x = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+        t = torch.tensor([999.0, 0.0])
+        with tempfile.TemporaryDirectory() as d:  # via ONNX: OpenVINO's own PyTorch frontend traces the same graph
+            path = Path(d) / "unet.onnx"
+            torch.onnx.export(module.eval(), (x, t), str(path), input_names=["x", "t"], output_names=["eps"],
+                              dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}},
+                              opset_version=18, dynamo=False)
+            model = ov.Core().read_model(str(path))
+        self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                               "PERFORMANCE_HINT": "LATENCY",
+                                                               "INFERENCE_PRECISION_HINT": "f32"})
+        self.version = ov.__version__
+
+    def __call__(self, x, t):
+        return torch.from_numpy(np.asarray(self.compiled([x.contiguous().numpy(), t.numpy()])[0]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--min-seconds", type=float, default=0.3, help="per backend per round")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+
+    import onnxruntime
+
+    threads = torch.get_num_threads()
+    peak, peak_n = matmul_peak_flops(torch.device("cpu"), torch.float32)
+    peak, peak_at = peak / 1e9, f"{peak_n}x{peak_n}"
+    print(f"matmul peak: {peak:.0f} GFLOP/s ({peak_at})", flush=True)
+    w = load_weights(a.weights)
+    cpu = torch.device("cpu")
+    unet = w.unet.eval().to(memory_format=torch.channels_last)
+    cache = Path(tempfile.mkdtemp(prefix="onnx-cache-"))
+    backends = {
+        "eager": ModelRunner(unet, cpu, torch.float32, torch.channels_last, "eager"),
+        f"script, {threads} shards": ModelRunner(unet, cpu, torch.float32, torch.channels_last, "script", threads),
+        f"ORT, {threads} shards x 1 thread (the runner)": ModelRunner(unet, cpu, torch.float32, torch.channels_last,
+                                                                      "onnx", threads, cache_dir=cache),
+        f"ORT, 1 session x {threads} threads": OnnxUNet(unet, cache, threads=threads),
+        f"ORT, 1 session x {threads} threads, spinning": OnnxUNet(unet, cache, threads=threads, spinning=True),
+        f"ORT, {threads} shards, dynamic shape only": ModelRunner(unet, cpu, torch.float32, torch.channels_last,
+                                                                  "onnx", threads, cache_dir=cache, static_max=0),
+        f"OpenVINO, {threads} threads": OpenVinoUNet(unet, threads),
+    }
+    ov_version = backends[f"OpenVINO, {threads} threads"].version
+    cfg = unet.config
+    gflop = None
+    rows = []
+    with torch.inference_mode():
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            unet(torch.randn(1, 3, cfg.image_size, cfg.image_size), torch.tensor([500.0]))
+        gflop = fc.get_total_flops() / 1e9
+        for b in a.batch:
+            x = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size).contiguous(
+                memory_format=torch.channels_last)
+            t = torch.randint(0, 1000, (b,)).float()
+            ref = unet(x, t)
+            reps = {}
+            for name, r in backends.items():  # warm up (builds sessions), check, and size the rounds
+                r(x, t)
+                torch.testing.assert_close(r(x, t), ref, rtol=1e-4, atol=1e-4, check_stride=False)
+                t0 = time.perf_counter()
+                r(x, t)
+                reps[name] = max(2, int(a.min_seconds / (time.perf_counter() - t0)))
+            times = {name: [] for name in backends}
+            for _ in range(a.rounds):
+                for name, r in backends.items():
+                    t0 = time.perf_counter()
+                    for _ in range(reps[name]):
+                        r(x, t)
+                    times[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
+            rows.append((b, {k: (min(v), statistics.median(v)) for k, v in times.items()}))
+            print(f"batch {b}: " + ", ".join(f"{k} {min(v):.2f} ms" for k, v in times.items()), flush=True)
+
+    names = list(backends)
+    runner = names[2]
+    lines = [
+        "# U-Net forward on CPU by backend (model/runner.py, model/runner_onnx.py)",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{threads} threads, fp32, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"OpenVINO {ov_version}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
+        f"- weights: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels}), {gflop:.3f} GFLOP per "
+        f"image per forward (torch's FlopCounterMode)",
+        f"- matmul peak: {peak:.0f} GFLOP/s (best of 512/1024/2048 square fp32 matmuls x 5 repeats, at {peak_at})",
+        f"- command: `python bench/runner_backends.py --batch {' '.join(map(str, a.batch))}"
+        + (f" --out {a.out}`" if a.out else "`"),
+        f"- {a.rounds} interleaved rounds; ms per forward, best round (median); the last two columns are the "
+        "runner's (ORT, sharded)",
+        "",
+        "| batch | " + " | ".join(names) + " | runner vs script | runner, % of matmul peak |",
+        "| --- | " + " | ".join("---" for _ in names) + " | --- | --- |",
+    ]
+    for b, res in rows:
+        cells = [f"{res[n][0]:.2f} ({res[n][1]:.2f})" for n in names]
+        pct = gflop * b / (res[runner][0] / 1e3) / peak * 100
+        lines.append(f"| {b} | " + " | ".join(cells) + f" | {res[names[1]][0] / res[runner][0]:.2f}x | {pct:.0f}% |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
