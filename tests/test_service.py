@@ -175,7 +175,7 @@ def test_health_model_and_openapi(served):
     info = httpx.get(url + "/v1/model").json()
     assert info["resolution"] == 8 and info["schedule"]["num_timesteps"] == 1000 and info["device"] == "cpu"
     assert info["dtype"] == "fp32" and len(info["sha256"]) == 64 and info["architecture"]["base_channels"] == 16
-    assert info["runner"] == "script"  # CPU default: the frozen TorchScript U-Net (model/runner.py)
+    assert info["runner"] == "onnx"  # CPU default: the U-Net on ONNX Runtime (model/runner.py)
     spec = httpx.get(url + "/openapi.json").json()
     gen = spec["paths"]["/generate"]["post"]
     assert {"200", "401", "413", "422", "503", "504"} <= set(gen["responses"])
