@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE  # bench/thread_policy.py unsets it for its own runs
 # The diffusers baselines get their best setting: libgomp's default policy, alone on the cores (under PASSIVE
-# DDPMPipeline ran 2.5x slower). `env -u` below; the service sets PASSIVE for itself (service/__main__.py).
+# DDPMPipeline ran 2.5x slower): sampler.py runs it in a child process without the variable, and the latency run
+# below unsets it (the service sets PASSIVE for itself, service/__main__.py).
 W=weights/celeba32-cpu.safetensors
 DATA=../shared/data/celeba/img_align_celeba_89x109_000001-009000.tar
 python -m model.sample --weights $W --n 16 --seed 0 --out runs/samples-ddpm1000 && cp runs/samples-ddpm1000/grid.png docs/samples.png
@@ -12,8 +13,7 @@ python bench/cpu_preset.py --out bench/results/cpu-preset.md
 python bench/thread_policy.py --out bench/results/thread-policy-cpu.md
 python bench/runner.py --weights $W --batch 1 4 16 64 --out bench/results/runner-cpu.md
 python bench/runner_backends.py --weights $W --batch 1 4 16 64 --out bench/results/runner-backends-cpu.md
-env -u OMP_WAIT_POLICY python bench/sampler.py --weights $W --batch 1 4 16 64 --steps 1000 1000 100 50 \
-    --out bench/results/sampler-cpu.md
+python bench/sampler.py --weights $W --batch 1 4 16 64 --steps 1000 1000 100 50 --out bench/results/sampler-cpu.md
 env -u OMP_WAIT_POLICY python bench/service_load.py latency --weights $W --n 1 4 \
     --out bench/results/service-latency-cpu.md
 python bench/service_load.py load --weights $W --clients 1 4 16 64 --duration 20 --max-batch 64 1 \
