@@ -25,6 +25,37 @@ from model.runner import ModelRunner  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 
 
+def time_interleaved(fns: dict, unet, batches: list[int], rounds: int, min_seconds: float
+                     ) -> list[tuple[int, dict[str, tuple[float, float]]]]:
+    """For each batch size: every fn's (best, median) ms per forward over interleaved rounds, after a warm-up call
+    and a check against the eager module. Also used by bench/runner_backends.py."""
+    cfg = unet.config
+    rows = []
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size).contiguous(
+                memory_format=torch.channels_last)
+            t = torch.randint(0, 1000, (b,)).float()
+            ref = unet(x, t)
+            reps = {}
+            for name, f in fns.items():  # warm up (sessions, traces), check, and size the rounds
+                f(x, t)
+                torch.testing.assert_close(f(x, t), ref, rtol=1e-4, atol=1e-4, check_stride=False)
+                t0 = time.perf_counter()
+                f(x, t)
+                reps[name] = max(2, int(min_seconds / (time.perf_counter() - t0)))
+            times = {name: [] for name in fns}
+            for _ in range(rounds):
+                for name, f in fns.items():
+                    t0 = time.perf_counter()
+                    for _ in range(reps[name]):
+                        f(x, t)
+                    times[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
+            rows.append((b, {k: (min(v), statistics.median(v)) for k, v in times.items()}))
+            print(f"batch {b}: " + ", ".join(f"{k} {min(v):.2f} ms" for k, v in times.items()), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
@@ -42,30 +73,9 @@ def main() -> None:
         "script, 1 shard": ModelRunner(unet, cpu, torch.float32, torch.channels_last, "script", workers=1),
         f"script, {threads} shards": ModelRunner(unet, cpu, torch.float32, torch.channels_last, "script", threads),
     }
-    cfg = unet.config
-    rows = []
-    with torch.inference_mode():
-        for b in a.batch:
-            x = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size).contiguous(
-                memory_format=torch.channels_last)
-            t = torch.randint(0, 1000, (b,)).float()
-            ref = unet(x, t)
-            reps = {}
-            for name, r in runners.items():  # warm up, check, and size the rounds
-                torch.testing.assert_close(r(x, t), ref, rtol=1e-4, atol=1e-4)
-                t0 = time.perf_counter()
-                r(x, t)
-                reps[name] = max(2, int(a.min_seconds / (time.perf_counter() - t0)))
-            times = {name: [] for name in runners}
-            for _ in range(a.rounds):
-                for name, r in runners.items():
-                    t0 = time.perf_counter()
-                    for _ in range(reps[name]):
-                        r(x, t)
-                    times[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
-            rows.append((b, {k: (min(v), statistics.median(v)) for k, v in times.items()}))
-            print(f"batch {b}: " + ", ".join(f"{k} {min(v):.1f} ms" for k, v in times.items()), flush=True)
+    rows = time_interleaved(runners, unet, a.batch, a.rounds, a.min_seconds)
 
+    cfg = unet.config
     names = list(runners)
     lines = [
         "# U-Net forward by runner (model/runner.py)",

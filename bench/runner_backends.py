@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +26,8 @@ import torch  # noqa: E402
 from model.runner import ModelRunner  # noqa: E402
 from model.runner_onnx import OnnxUNet  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
-from sampler import matmul_peak_flops  # noqa: E402  (bench/sampler.py, this folder)
+from runner import time_interleaved  # noqa: E402  (bench/runner.py, this folder)
+from sampler import matmul_peak_flops  # noqa: E402  (bench/sampler.py)
 
 
 class OpenVinoUNet:
@@ -84,35 +84,13 @@ def main() -> None:
     }
     ov_version = backends[f"OpenVINO, {threads} threads"].version
     cfg = unet.config
-    gflop = None
-    rows = []
     with torch.inference_mode():
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as fc:
             unet(torch.randn(1, 3, cfg.image_size, cfg.image_size), torch.tensor([500.0]))
         gflop = fc.get_total_flops() / 1e9
-        for b in a.batch:
-            x = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size).contiguous(
-                memory_format=torch.channels_last)
-            t = torch.randint(0, 1000, (b,)).float()
-            ref = unet(x, t)
-            reps = {}
-            for name, r in backends.items():  # warm up (builds sessions), check, and size the rounds
-                r(x, t)
-                torch.testing.assert_close(r(x, t), ref, rtol=1e-4, atol=1e-4, check_stride=False)
-                t0 = time.perf_counter()
-                r(x, t)
-                reps[name] = max(2, int(a.min_seconds / (time.perf_counter() - t0)))
-            times = {name: [] for name in backends}
-            for _ in range(a.rounds):
-                for name, r in backends.items():
-                    t0 = time.perf_counter()
-                    for _ in range(reps[name]):
-                        r(x, t)
-                    times[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
-            rows.append((b, {k: (min(v), statistics.median(v)) for k, v in times.items()}))
-            print(f"batch {b}: " + ", ".join(f"{k} {min(v):.2f} ms" for k, v in times.items()), flush=True)
+    rows = time_interleaved(backends, unet, a.batch, a.rounds, a.min_seconds)
 
     names = list(backends)
     runner = names[2]
