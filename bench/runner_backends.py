@@ -24,24 +24,19 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model.runner import ModelRunner  # noqa: E402
-from model.runner_onnx import OnnxUNet  # noqa: E402
+from model.runner_onnx import OnnxUNet, export  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 from runner import time_interleaved  # noqa: E402  (bench/runner.py, this folder)
-from sampler import matmul_peak_flops  # noqa: E402  (bench/sampler.py)
+from sampler import flops_per_image, matmul_peak_flops  # noqa: E402  (bench/sampler.py)
 
 
 class OpenVinoUNet:
     def __init__(self, module, threads: int):
         import openvino as ov
 
-        cfg = module.config
-        x = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size)
-        t = torch.tensor([999.0, 0.0])
-        with tempfile.TemporaryDirectory() as d:  # via ONNX: OpenVINO's own PyTorch frontend traces the same graph
+        with tempfile.TemporaryDirectory() as d:  # the runner's own export, read by OpenVINO's ONNX frontend
             path = Path(d) / "unet.onnx"
-            torch.onnx.export(module.eval(), (x, t), str(path), input_names=["x", "t"], output_names=["eps"],
-                              dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}},
-                              opset_version=18, dynamo=False)
+            export(module, path)
             model = ov.Core().read_model(str(path))
         self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                                "PERFORMANCE_HINT": "LATENCY",
@@ -84,12 +79,7 @@ def main() -> None:
     }
     ov_version = backends[f"OpenVINO, {threads} threads"].version
     cfg = unet.config
-    with torch.inference_mode():
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc:
-            unet(torch.randn(1, 3, cfg.image_size, cfg.image_size), torch.tensor([500.0]))
-        gflop = fc.get_total_flops() / 1e9
+    gflop = flops_per_image(unet, cfg.image_size, cpu, torch.float32) / 1e9
     rows = time_interleaved(backends, unet, a.batch, a.rounds, a.min_seconds)
 
     names = list(backends)

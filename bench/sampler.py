@@ -59,14 +59,15 @@ def matmul_peak_flops(device, dtype, sizes=(512, 1024, 2048), repeats: int = 5) 
     return best, at
 
 
-def time_ours(w, device, dtype, batch: int, steps: int) -> float:
+def time_ours(w, device, dtype, batch: int, steps: int) -> tuple[float, str]:
+    """Seconds for `steps` steps of a batch, and the runner mode that ran the U-Net."""
     engine = SamplerEngine(w.unet, w.diffusion, device, dtype)
     generate(engine, list(range(batch)), "ddpm", 3, batch)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     generate(engine, list(range(batch)), "ddpm", steps, batch)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, engine.runner.mode
 
 
 def time_diffusers(w, device, dtype, batch: int, steps: int) -> float:
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     peak, peak_n = matmul_peak_flops(device, dtype)
     rows = []
     for b, n in zip(a.batch, steps):
-        ours = time_ours(w, device, dtype, b, n)
+        ours, mode = time_ours(w, device, dtype, b, n)
         if device.type == "cpu":
             # OpenMP reads its policy once per process: diffusers runs in a child with libgomp's default (its best
             # alone on the cores), ours here under the service's PASSIVE.
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
         f"best square matmul of 512, 1024 and 2048 x 5 repeats: {peak / 1e9:.1f} GFLOP/s (at {peak_n}x{peak_n})",
         f"- OMP_WAIT_POLICY: ours {os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default)')}, diffusers "
         "unset (libgomp default, in its own process); ours runs the U-Net on its default runner "
-        f"({SamplerEngine(w.unet, w.diffusion, device, dtype).runner.mode})",
+        f"({mode})",
         "- img/s: images per second of the full 1000-step chain (rows with fewer steps are scaled: every step costs "
         "the same); the physical limit at that peak would be "
         f"{peak / (flops * 1000):.3f} img/s", "",

@@ -41,14 +41,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "celeba-ddpm"
 
 
-def available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def cache_key(module: nn.Module) -> str:
     import onnxruntime
 

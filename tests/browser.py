@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-import pytest
+from conftest import skip_or_fail
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -28,10 +28,7 @@ def require_chromium() -> None:
     except ImportError:
         missing.append("Playwright for Python (pip install -e '.[dev]')")
     if missing:
-        reason = "browser test needs " + " and ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; CI must have it", pytrace=False)
-        pytest.skip(reason)
+        skip_or_fail("browser test needs " + " and ".join(missing))
 
 
 @dataclass

@@ -1,7 +1,9 @@
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,15 +33,34 @@ def tiny_weights(tmp_path_factory) -> Path:
     return make_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
 
 
+def nearly_equal(x, y) -> bool:
+    """The documented tolerance for images that should match (README "Determinism"): within 1/255 everywhere and
+    differing on at most 0.1% of values, for kernels that change with the batch size."""
+    diff = np.abs(np.asarray(x).astype(int) - np.asarray(y).astype(int))
+    return diff.max() <= 1 and (diff > 0).mean() <= 0.001
+
+
+def skip_or_fail(reason: str) -> None:
+    """Something a test needs is absent: skipped on a developer's machine, but a failure in CI (CI=true), which
+    always has it, so that a moved file or a dropped package cannot silently turn tests off."""
+    if os.environ.get("CI"):
+        pytest.fail(reason + "; CI must have it", pytrace=False)
+    pytest.skip(reason)
+
+
+def tool(name: str, package: str) -> str:
+    """The path of a command from Debian's packages (on PATH or in /usr/sbin), or skip_or_fail()."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        skip_or_fail(f"{name} not installed (Debian's package {package}; .ci/run installs it)")
+    return path
+
+
 @pytest.fixture
 def celeba_tar() -> Path:
-    """The shared CelebA tar. Absent: skipped on a developer's machine, but a failure in CI (CI=true), which always
-    has it, so that a moved file cannot silently turn these tests off."""
+    """The shared CelebA tar (see skip_or_fail())."""
     if not CELEBA_TAR.is_file():
-        reason = f"CelebA tar not found at {CELEBA_TAR} (see ../shared/data/celeba/README.md)"
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; CI must have it", pytrace=False)
-        pytest.skip(reason)
+        skip_or_fail(f"CelebA tar not found at {CELEBA_TAR} (see ../shared/data/celeba/README.md)")
     return CELEBA_TAR
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import nearly_equal
 from model.diffusion import Diffusion, ScheduleConfig, _build_table, cosine_betas
 from model.engine import SampleSpec, SamplerEngine, generate
 from model.noise import gaussian
@@ -224,13 +225,7 @@ def test_tiny_unet_1000_steps_deterministic_per_seed():
     assert np.array_equal(a, b)
     assert not np.array_equal(a[0], a[1])
     c = generate(SamplerEngine(unet, d), [8])
-    assert _nearly_equal(c[0], a[1])
-
-
-def _nearly_equal(x: np.ndarray, y: np.ndarray) -> bool:
-    """Pixel-equal after uint8 conversion, allowing 1/255 on at most 0.1% of pixels (batched-kernel rounding)."""
-    diff = np.abs(x.astype(int) - y.astype(int))
-    return diff.max() <= 1 and (diff > 0).mean() <= 0.001
+    assert nearly_equal(c[0], a[1])
 
 
 def test_batch_composition_and_join_step_invariance():
@@ -249,7 +244,7 @@ def test_batch_composition_and_join_step_invariance():
             results[group, index] = img
         if not len(engine):
             break
-    assert _nearly_equal(results["late", 1], alone)
+    assert nearly_equal(results["late", 1], alone)
     assert len(results) == 6
 
 

@@ -4,7 +4,6 @@ expression through promtool, every metric and setting they name against what the
 config through `nginx -t`, and the facts a rolling update depends on. Never applied to a cluster here."""
 
 import copy
-import os
 import re
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, tool
 from service.settings import Settings
 from service_helpers import exported_series
 
@@ -23,16 +22,6 @@ KUBERNETES_VERSION = "1.32.0"
 OVERLAYS = ("gpu", "cpu")
 CRDS = {("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobjects.yaml",
         ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml"}
-
-
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
-    if path is None:
-        reason = f"{name} not installed (Debian's package {package}; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; CI must have it", pytrace=False)
-        pytest.skip(reason)
-    return path
 
 
 def rendered(overlay: str) -> list[dict]:

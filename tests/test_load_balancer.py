@@ -6,7 +6,6 @@ ports), the log and temp paths changed."""
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, tool
 from service_helpers import decode_png, free_port, metric, wait_ready
 from test_jobs import events
 
 CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 LOG = re.compile(r'"(?P<request>[^"]*)" (?P<status>\d+) \d+ upstream=(?P<addr>.*) upstream_status=(?P<ustatus>.*) '
                  r'(?P<time>[\d.]+) (?P<msec>[\d.]+)$')
@@ -30,12 +28,7 @@ LOG = re.compile(r'"(?P<request>[^"]*)" (?P<status>\d+) \d+ upstream=(?P<addr>.*
 
 @pytest.fixture(scope="module")
 def nginx_bin() -> str:
-    if not os.path.exists(NGINX):
-        reason = "nginx not installed (Debian's package nginx; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; CI must have it", pytrace=False)
-        pytest.skip(reason)
-    return NGINX
+    return tool("nginx", "nginx")
 
 
 def nginx_config(tmp: Path, replica_ports: list[int], listen: int) -> Path:
@@ -54,8 +47,8 @@ def nginx_config(tmp: Path, replica_ports: list[int], listen: int) -> Path:
     return path
 
 
-def nginx_cmd(tmp: Path, conf: Path, *extra: str) -> list[str]:
-    return [NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log"),
+def nginx_cmd(nginx: str, tmp: Path, conf: Path, *extra: str) -> list[str]:
+    return [nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log"),
             "-g", f"daemon off; pid {tmp}/nginx.pid;", *extra]
 
 
@@ -68,13 +61,13 @@ def start_replica(name: str, port: int, weights: Path, log: Path) -> subprocess.
 
 
 class Cluster:
-    def __init__(self, tmp: Path, weights: Path):
+    def __init__(self, nginx: str, tmp: Path, weights: Path):
         self.tmp = tmp
         self.ports = [free_port(), free_port()]
         self.replicas = [start_replica(f"api-{i}", p, weights, tmp / f"api-{i}.log") for i, p in enumerate(self.ports)]
         self.listen = free_port()
         conf = nginx_config(tmp, self.ports, self.listen)
-        self.nginx = subprocess.Popen(nginx_cmd(tmp, conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.nginx = subprocess.Popen(nginx_cmd(nginx, tmp, conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for p, proc in zip(self.ports, self.replicas):
             wait_ready(f"http://127.0.0.1:{p}", proc, timeout=120)
         self.url = f"http://127.0.0.1:{self.listen}"
@@ -100,7 +93,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(nginx_bin, tiny_weights, tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("lb"), tiny_weights)
+    c = Cluster(nginx_bin, tmp_path_factory.mktemp("lb"), tiny_weights)
     try:
         yield c
     finally:
@@ -109,7 +102,7 @@ def cluster(nginx_bin, tiny_weights, tmp_path_factory):
 
 def test_the_shipped_config_passes_nginx_t(nginx_bin, tmp_path):
     conf = nginx_config(tmp_path, [free_port(), free_port()], free_port())
-    r = subprocess.run(nginx_cmd(tmp_path, conf, "-t"), capture_output=True, text=True, timeout=30)
+    r = subprocess.run(nginx_cmd(nginx_bin, tmp_path, conf, "-t"), capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "test is successful" in r.stderr, r.stderr
 
 

@@ -19,7 +19,7 @@ from model.images import png_bytes, provenance
 from model.weights import file_sha256, load_weights
 from service.settings import Settings
 
-from conftest import ROOT
+from conftest import ROOT, nearly_equal
 from service_helpers import decode_png, free_port, metric, running, wait_ready
 
 
@@ -36,11 +36,6 @@ def post(url, body, **kw):
 def offline(weights_path, seeds, sampler, steps):
     w = load_weights(weights_path)
     return generate(SamplerEngine(w.unet, w.diffusion), seeds, sampler, steps, batch_size=len(seeds))
-
-
-def _nearly_equal(x, y):
-    diff = np.abs(x.astype(int) - y.astype(int))
-    return diff.max() <= 1 and (diff > 0).mean() <= 0.001
 
 
 def test_json_contract(served, tiny_weights):
@@ -119,9 +114,9 @@ def test_results_do_not_depend_on_other_requests_in_the_batch(served):
         together = list(ex.map(lambda b: post(url, b).json(), reqs))
     for a, t in zip(alone, together):
         for ia, it in zip(a["images"], t["images"]):
-            assert _nearly_equal(decode_png(ia["png"])[0], decode_png(it["png"])[0])
+            assert nearly_equal(decode_png(ia["png"])[0], decode_png(it["png"])[0])
     # image 1 of seed 100 is the image of seed 101 alone
-    assert _nearly_equal(decode_png(alone[0]["images"][1]["png"])[0], decode_png(alone[3]["images"][0]["png"])[0])
+    assert nearly_equal(decode_png(alone[0]["images"][1]["png"])[0], decode_png(alone[3]["images"][0]["png"])[0])
 
 
 def test_short_request_overtakes_a_long_one(served, tiny_weights):
@@ -141,8 +136,8 @@ def test_short_request_overtakes_a_long_one(served, tiny_weights):
     assert results["short"][1] < results["long"][1]  # the short one did not wait for the long one's 1000 steps
     assert results["long"][0].json()["timings"]["generate_s"] > results["short"][0].json()["timings"]["generate_s"]
     ref_long, ref_short = offline(tiny_weights, [3], "ddpm", 1000)[0], offline(tiny_weights, [4], "ddim", 10)[0]
-    assert _nearly_equal(decode_png(results["long"][0].json()["images"][0]["png"])[0], ref_long)
-    assert _nearly_equal(decode_png(results["short"][0].json()["images"][0]["png"])[0], ref_short)
+    assert nearly_equal(decode_png(results["long"][0].json()["images"][0]["png"])[0], ref_long)
+    assert nearly_equal(decode_png(results["short"][0].json()["images"][0]["png"])[0], ref_short)
 
 
 def test_metrics_parse_and_move(served):
@@ -475,7 +470,7 @@ def test_a_network_that_returns_nan_fails_only_the_affected_request(tiny_weights
             bad, good = poisoned.result(), healthy.result()
         assert bad.status_code == 500 and "seed 13" in bad.json()["detail"] and "NaN" in bad.json()["detail"]
         assert good.status_code == 200
-        assert _nearly_equal(decode_png(good.json()["images"][0]["png"])[0],
+        assert nearly_equal(decode_png(good.json()["images"][0]["png"])[0],
                              offline(tiny_weights, [20], "ddim", 30)[0])  # its batch-mate finished correctly
         assert metric(url, "celeba_ddpm_non_finite_samples_total") == 1
         assert metric(url, "celeba_ddpm_active_samples") == 0  # the poisoned request's other row left too
