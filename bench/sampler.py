@@ -2,6 +2,8 @@
 
     python bench/sampler.py --weights weights/celeba32-cpu.safetensors --batch 1 4 --steps 1000 \
         --out bench/results/sampler-cpu.md
+    # on a GPU: a random-initialised preset, CUDA graphs vs eager, bf16 (then again with --dtype fp32)
+    python bench/sampler.py --preset celeba64 --runner auto eager --batch 1 4 16 64 --steps 200 --dtype bf16
 
 Both run the same maths (DDPM, sigma_t = sqrt(beta_t), no clipping: DDPMScheduler with variance_type
 "fixed_large", clip_sample False) on the same device and dtype; the U-Net is loaded into diffusers' UNet2DModel
@@ -26,8 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.diffusers_compat import diffusers_scheduler, to_diffusers  # noqa: E402
 from model.device import pick_device, pick_dtype  # noqa: E402
+from model.diffusion import Diffusion, ScheduleConfig  # noqa: E402
 from model.engine import SamplerEngine, generate  # noqa: E402
-from model.weights import load_weights  # noqa: E402
+from model.unet import PRESETS, UNet  # noqa: E402
+from model.weights import LoadedWeights, load_weights  # noqa: E402
+
+
+def random_weights(preset: str) -> LoadedWeights:
+    """A random-initialised preset with the default schedule: the speed of a model without training it."""
+    torch.manual_seed(0)
+    return LoadedWeights(UNet(PRESETS[preset]), Diffusion(ScheduleConfig()), {"name": f"{preset} (random init)"},
+                         "", "")
 
 
 def flops_per_image(unet, size: int, device, dtype) -> float:
@@ -37,14 +48,18 @@ def flops_per_image(unet, size: int, device, dtype) -> float:
     return float(fc.get_total_flops())
 
 
-def matmul_peak_flops(device, dtype, sizes=(512, 1024, 2048), repeats: int = 5) -> tuple[float, int]:
+def peak_sizes(device) -> tuple[int, ...]:
+    return (2048, 4096, 8192) if device.type == "cuda" else (512, 1024, 2048)
+
+
+def matmul_peak_flops(device, dtype, sizes=None, repeats: int = 5) -> tuple[float, int]:
     """The device's practical peak: the best FLOP/s of square matmuls over several sizes, each timed `repeats`
     times over ~0.2 s (what the U-Net's convs could reach at most), and the size that reached it."""
     best, at = 0.0, 0
-    for n in sizes:
+    for n in sizes or peak_sizes(device):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         a @ b
-        reps = max(3, int(4e8 / (2 * n**3) * (100 if device.type == "cuda" else 1)))
+        reps = max(3, int((1e14 if device.type == "cuda" else 4e8) / (2 * n**3)))  # ~0.15 s per timing
         for _ in range(repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -59,15 +74,19 @@ def matmul_peak_flops(device, dtype, sizes=(512, 1024, 2048), repeats: int = 5) 
     return best, at
 
 
-def time_ours(w, device, dtype, batch: int, steps: int) -> tuple[float, str]:
+def time_ours(w, device, dtype, batch: int, steps: int, runner: str = "auto") -> tuple[float, str]:
     """Seconds for `steps` steps of a batch, and the runner mode that ran the U-Net."""
-    engine = SamplerEngine(w.unet, w.diffusion, device, dtype)
-    generate(engine, list(range(batch)), "ddpm", 3, batch)  # warm-up
+    engine = SamplerEngine(w.unet, w.diffusion, device, dtype, runner=runner)
+    generate(engine, list(range(batch)), "ddpm", 3, batch)  # warm-up (and on CUDA, the graph capture)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    generate(engine, list(range(batch)), "ddpm", steps, batch)
-    return time.perf_counter() - t0, engine.runner.mode
+    generate(engine, list(range(batch)), "ddpm", steps, batch)  # ends with the images on the host: synced
+    mode = engine.runner.mode
+    if getattr(engine.runner.fn, "eager_reason", None):
+        mode += f" (fell back to eager: {engine.runner.fn.eager_reason})"
+    engine.runner.close()
+    return time.perf_counter() - t0, mode
 
 
 def time_diffusers(w, device, dtype, batch: int, steps: int) -> float:
@@ -76,7 +95,7 @@ def time_diffusers(w, device, dtype, batch: int, steps: int) -> float:
     sched = diffusers_scheduler(w.diffusion.config)
     pipe = DDPMPipeline(unet=to_diffusers(w.unet).to(device, dtype), scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # noise drawn where the pipeline runs: its fastest
     pipe(batch_size=batch, num_inference_steps=3, generator=g, output_type="np")  # warm-up
     t0 = time.perf_counter()
     pipe(batch_size=batch, num_inference_steps=steps, generator=g, output_type="np")
@@ -86,6 +105,9 @@ def time_diffusers(w, device, dtype, batch: int, steps: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="weights/celeba32-cpu.safetensors")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="time a random-initialised preset instead of --weights")
+    p.add_argument("--runner", nargs="+", default=["auto"], help="our runner modes to time (model/runner.py)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--steps", type=int, nargs="+", default=[1000],
                    help="ddpm steps per batch size (one value for all, or one per --batch); images/s is reported "
@@ -97,7 +119,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
-    w = load_weights(a.weights)
+    w = random_weights(a.preset) if a.preset else load_weights(a.weights)
     if len(a.steps) not in (1, len(a.batch)):
         p.error("--steps takes one value or one per --batch value")
     steps = a.steps * len(a.batch) if len(a.steps) == 1 else a.steps
@@ -106,24 +128,27 @@ def main(argv=None) -> int:
         return 0
     flops = flops_per_image(w.unet.to(device, dtype), w.unet.config.image_size, device, dtype)
     peak, peak_n = matmul_peak_flops(device, dtype)
-    rows = []
+    rows, modes = [], []
     for b, n in zip(a.batch, steps):
-        ours, mode = time_ours(w, device, dtype, b, n)
         if device.type == "cpu":
             # OpenMP reads its policy once per process: diffusers runs in a child with libgomp's default (its best
             # alone on the cores), ours here under the service's PASSIVE.
             env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-            r = subprocess.run([sys.executable, __file__, "--side", "diffusers", "--weights", a.weights, "--batch",
+            source = ["--preset", a.preset] if a.preset else ["--weights", a.weights]
+            r = subprocess.run([sys.executable, __file__, "--side", "diffusers", *source, "--batch",
                                 str(b), "--steps", str(n), "--device", a.device, "--dtype", a.dtype],
                                env=env, capture_output=True, text=True, check=True, timeout=3600)
             theirs = float(r.stdout.split()[-1])
         else:
             theirs = time_diffusers(w, device, dtype, b, n)
-        ips_o, ips_d = b / ours * n / 1000, b / theirs * n / 1000  # images/s of the 1000-step chain
-        achieved = flops * n * b / ours
-        rows.append(f"| {b} | {n} | {ours:.2f} | {ips_o:.3f} | {theirs:.2f} | {ips_d:.3f} | {ips_o / ips_d:.2f}x | "
-                    f"{achieved / 1e9:.1f} | {100 * achieved / peak:.0f}% |")
-        print(rows[-1], flush=True)
+        for runner in a.runner:
+            ours, mode = time_ours(w, device, dtype, b, n, runner)
+            modes.append(mode)
+            ips_o, ips_d = b / ours * n / 1000, b / theirs * n / 1000  # images/s of the 1000-step chain
+            achieved = flops * n * b / ours
+            rows.append(f"| {b} | {n} | {mode.split()[0]} | {ours:.2f} | {ips_o:.3f} | {theirs:.2f} | {ips_d:.3f} | "
+                        f"{ips_o / ips_d:.2f}x | {achieved / 1e9:.1f} | {100 * achieved / peak:.0f}% |")
+            print(rows[-1], flush=True)
     header = [
         f"# Sampler: ours vs diffusers DDPMPipeline ({w.name}, ddpm)", "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()} {torch.get_num_threads()} threads"
@@ -131,15 +156,16 @@ def main(argv=None) -> int:
         f"{torch.__version__}",
         f"- command: `python bench/sampler.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- U-Net FLOPs per image per step: {flops / 1e9:.3f} GFLOP (FlopCounterMode); device peak measured as the "
-        f"best square matmul of 512, 1024 and 2048 x 5 repeats: {peak / 1e9:.1f} GFLOP/s (at {peak_n}x{peak_n})",
+        f"best square matmul of {', '.join(map(str, peak_sizes(device)))} x 5 repeats: {peak / 1e9:.1f} GFLOP/s (at {peak_n}x{peak_n})",
         f"- OMP_WAIT_POLICY: ours {os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default)')}, diffusers "
-        "unset (libgomp default, in its own process); ours runs the U-Net on its default runner "
-        f"({mode})",
+        "unset (libgomp default, in its own process); our runner modes (model/runner.py): "
+        f"{', '.join(sorted(set(modes)))}",
         "- img/s: images per second of the full 1000-step chain (rows with fewer steps are scaled: every step costs "
         "the same); the physical limit at that peak would be "
         f"{peak / (flops * 1000):.3f} img/s", "",
-        "| batch | steps run | ours s | ours img/s | diffusers s | diffusers img/s | ratio | ours GFLOP/s | of peak |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| batch | steps run | our runner | ours s | ours img/s | diffusers s | diffusers img/s | ratio | ours GFLOP/s "
+        "| of peak |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     text = "\n".join(header + rows) + "\n"
     print(text)

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+READY_S: list[float] = []  # seconds from start to /readyz of each service() run (weights load, warm-up, capture)
 
 
 def _port() -> int:
@@ -60,6 +62,8 @@ def service(weights: str, max_batch: int, extra: list[str] | None = None, on_sta
             if proc.poll() is not None or time.monotonic() - t0 > 120:
                 raise RuntimeError("service did not start")
             time.sleep(0.1)
+        READY_S.append(time.monotonic() - t0)
+        print(f"service ready in {READY_S[-1]:.1f} s (max batch {max_batch})", flush=True)
         yield url
     finally:
         proc.terminate()
@@ -98,18 +102,20 @@ def latency(a, argv) -> str:
                 assert resp.status_code == 200 and len(resp.json()["images"]) == n, resp.text[:200]
                 measured.append((n, dt, resp.json()["timings"]))
                 print(f"n={n}: {dt:.2f} s", flush=True)
-        runner = httpx.get(url + "/v1/model", timeout=10).json().get("runner")
+        info = httpx.get(url + "/v1/model", timeout=10).json()
+    runner, device, dtype_name = info.get("runner"), info.get("device", "cpu"), info.get("dtype", "fp32")
     theirs = {}
     if a.diffusers:
         import torch
         from sampler import time_diffusers  # bench/sampler.py (this folder); it puts the project on sys.path
 
+        from model.device import DTYPES
         from model.weights import load_weights
 
         torch.set_num_threads(a.threads or os.cpu_count())
         w = load_weights(a.weights)
-        for n in a.n:
-            theirs[n] = time_diffusers(w, torch.device("cpu"), torch.float32, n, 1000)
+        for n in a.n:  # on the service's device and dtype
+            theirs[n] = time_diffusers(w, torch.device(device), DTYPES[dtype_name], n, 1000)
             print(f"diffusers n={n}: {theirs[n]:.2f} s", flush=True)
     rows = []
     for n, dt, t in measured:
@@ -117,9 +123,10 @@ def latency(a, argv) -> str:
         rows.append(f"| {n} | 1000 (ddpm) | {dt:.2f} | {t['queue_s']:.3f} | {t['generate_s']:.2f} | {d} |")
     return "\n".join(header("Service latency, 1000-step ddpm requests, one at a time", argv) + [
         "diffusers: the same weights in diffusers' DDPMPipeline (UNet2DModel via model/diffusers_compat.py, "
-        "DDPMScheduler with the same schedule and prediction type, no clipping), same batch size, CPU fp32, "
-        "run after the service stopped; it returns arrays, so it has no HTTP or PNG work to do. "
-        f"The service ran the U-Net on its `{runner}` runner with OMP_WAIT_POLICY=PASSIVE (its setting); "
+        f"DDPMScheduler with the same schedule and prediction type, no clipping), same batch size, {device} "
+        f"{dtype_name}, run after the service stopped; it returns arrays, so it has no HTTP or PNG work to do. "
+        f"The service was ready {READY_S[0]:.1f} s after it started and ran the U-Net on its `{runner}` runner "
+        "with OMP_WAIT_POLICY=PASSIVE (its setting); "
         "diffusers with OMP_WAIT_POLICY "
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default: its best alone)')}.",
         "",
@@ -166,13 +173,16 @@ def load(a, argv) -> str:
                 rows.append(f"| {max_batch} | {clients} | {len(lat)} | {images / wall:.2f} | {p50:.2f} | {p99:.2f} |")
                 print(rows[-1], flush=True)
     return "\n".join(header(f"Service load: {json.dumps(body)} for {a.duration:.0f} s per row", argv) + [
-        "Every accepted request came back with its images (checked); no request failed.", "",
+        "Every accepted request came back with its images (checked); no request failed. Seconds from start to "
+        f"ready (weights, warm-up of every batch size): {', '.join(f'{r:.1f}' for r in READY_S)}.", "",
         "| max batch | clients | requests | images/s | p50 s | p99 s |", "| --- | --- | --- | --- | --- | --- |"]
         + rows) + "\n"
 
 
 def main(argv=None) -> int:
     argv = argv if argv is not None else sys.argv[1:]
+    # `timeout` and Ctrl-C stop the benchmark through its finally blocks, which stop the services it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["latency", "load"])
     p.add_argument("--weights", default=str(ROOT / "weights" / "celeba32-cpu.safetensors"))

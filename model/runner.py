@@ -17,11 +17,11 @@ Why not torch.compile: it takes 60-140 s per batch shape on 2 cores and recompil
 torch.export / FX still run every op from Python. TorchScript is deprecated; where torch.jit is gone the script
 runner falls back to eager.
 
-On CUDA the runner calls the module as it is, eagerly. That is launch-bound at small batches, not GPU-bound: a
-cpu32 forward dispatches 299 ATen ops and a celeba64 one 591 (counted with a TorchDispatchMode on CPU; about one
-kernel launch each on CUDA, an estimate not yet measured on a GPU), so at batch 1 the host's few microseconds per
-launch, not the GPU, sets the step time. CUDA graphs
-captured per batch-size bucket are the fix; they are for the GPU issue to build and measure.
+On CUDA an eager forward is launch-bound at small batches, not GPU-bound: a cpu32 forward dispatches 299 ATen ops
+and a celeba64 one 591 (counted with a TorchDispatchMode on CPU; about one kernel launch each on CUDA), so at batch 1
+the host's few microseconds per launch, not the GPU, sets the step time. The default on CUDA (`auto`) is therefore
+`graphs`: the forward replayed from CUDA graphs captured per batch-size bucket (model/runner_cuda.py), falling back
+to eager where capture fails. Measured against eager on an H200 in bench/results/sampler-h200.md.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ from .unet import UNet
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "onnx", "script", "eager")
+MODES = ("auto", "onnx", "script", "graphs", "eager")
 
 
 class ModelRunner:
     """`runner(x, t)` == `module(x, t)`, faster. mode: 'auto' (on CPU, a UNet in fp32 runs on ONNX Runtime where
-    it is installed, else TorchScript; eager on CUDA), 'onnx' and 'script' (CPU only, each falling back to the
-    next: onnx, script, eager), 'eager'. workers: CPU shards run at once (default: torch's intra-op thread count).
+    it is installed, else TorchScript; on CUDA, graphs), 'onnx' and 'script' (CPU only, each falling back to the
+    next: onnx, script, eager), 'graphs' (CUDA only; eager for a batch it cannot capture), 'eager'.
+    workers: CPU shards run at once (default: torch's intra-op thread count).
     cache_dir, static_max: for onnx (model/runner_onnx.py). `mode` says what runs.
     An onnx or script runner holds the weights as they were when it was built: build a new one after changing them."""
 
@@ -55,10 +56,15 @@ class ModelRunner:
             raise ValueError(f"unknown runner mode {mode!r} (expected one of {', '.join(MODES)})")
         if mode in ("onnx", "script") and device.type != "cpu":
             raise ValueError(f"runner mode {mode!r} is for CPU; CUDA runs eager")
+        if mode == "graphs" and device.type != "cuda":
+            raise ValueError("runner mode 'graphs' is for CUDA; CPU runs onnx, script or eager")
         if mode == "auto":
             # Only our own U-Net is known to trace into a batch-size-independent graph (tests/test_runner.py).
             compiled = "onnx" if dtype == torch.float32 else "script"
-            mode = compiled if device.type == "cpu" and isinstance(module, UNet) else "eager"
+            if not isinstance(module, UNet):
+                mode = "eager"
+            else:
+                mode = compiled if device.type == "cpu" else "graphs"
         if mode == "onnx" and dtype != torch.float32:
             raise ValueError("runner mode 'onnx' runs fp32 (this CPU has no fast bf16)")
         self.workers = max(1, workers or torch.get_num_threads())
@@ -77,6 +83,11 @@ class ModelRunner:
             except Exception as e:  # an export or session ORT cannot build: say so and go on
                 log.warning("ONNX Runtime runner unavailable (%s: %s); trying TorchScript", type(e).__name__, e)
                 mode = "script"
+        if mode == "graphs":
+            from .runner_cuda import CudaGraphUNet
+
+            self.fn = CudaGraphUNet(module, device, dtype, memory_format)
+            self.mode = "graphs"
         if mode == "script":
             try:
                 self.fn = _freeze_trace(module, device, dtype, memory_format)

@@ -2,6 +2,8 @@
 
 Writes DIR/<seed>.png for each image (seed, seed+1, ...) and DIR/grid.png, with a progress bar over
 denoising steps. Each PNG carries its seed, sampler, steps and the weights' sha256 as text chunks.
+`--npz FILE` also packs all images into one uint8 array (key 'images', NxHxWx3), the form `python -m
+train.evaluate --images` reads (e.g. images made on a GPU, scored on another machine).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from tqdm import tqdm
 
@@ -31,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--npz", default=None, help="also write all images to this .npz (key 'images', uint8)")
     a = p.parse_args(argv)
     if a.n < 1:
         p.error("--n must be at least 1")
@@ -57,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "grid.png").write_bytes(png_bytes(grid(images), {"seeds": f"{seeds[0]}-{seeds[-1]}",
                                                             "sampler": a.sampler, "steps": str(a.steps),
                                                             "weights_sha256": w.sha256, "model": w.name}))
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    if a.npz:
+        Path(a.npz).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(a.npz, images=images, seeds=np.array(seeds, dtype=np.int64))
+    print(f"wrote {len(images)} images and grid.png to {out}" + (f", and {a.npz}" if a.npz else ""))
     return 0
 
 

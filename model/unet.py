@@ -54,6 +54,12 @@ class UNetConfig:
 PRESETS: dict[str, UNetConfig] = {
     # The CelebA 64x64 model of the DDIM paper (Song et al. 2021): ~78.7M parameters, 48 GFLOP per forward.
     "celeba64": UNetConfig(),
+    # Smaller 64x64 models for short GPU budgets (python -m train.pick_preset chooses among them by measured step
+    # rate), each under 10M parameters so its fp16 weights stay under 20 MB: 8.95M / 11.8 GFLOP, 5.04M / 6.7,
+    # 2.25M / 3.0 per forward.
+    "celeba64-9m": UNetConfig(base_channels=64, channel_mult=(1, 2, 2, 2)),
+    "celeba64-5m": UNetConfig(base_channels=48, channel_mult=(1, 2, 2, 2), num_groups=16),
+    "celeba64-2m": UNetConfig(base_channels=32, channel_mult=(1, 2, 2, 2)),
     # The CPU demo model shipped in weights/: 0.69M parameters, 0.19 GFLOP per image. Chosen by measurement so a
     # 1000-step request for 4 images fits in 30 s on 2 CPU cores (bench/results/cpu-preset.md).
     "cpu32": UNetConfig(image_size=32, base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,

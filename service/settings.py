@@ -37,9 +37,9 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto", description="auto: channels_last on CPU, contiguous on CUDA (GroupNorm there returns NCHW)")
-    runner: Literal["auto", "onnx", "script", "eager"] = Field(
+    runner: Literal["auto", "onnx", "script", "graphs", "eager"] = Field(
         "auto", description="auto: on CPU the U-Net on ONNX Runtime (else frozen TorchScript), one shard per "
-        "thread; eager on CUDA")
+        "thread; on CUDA graphs captured per batch-size bucket")
     cache_dir: Path | None = Field(None, description="where the ONNX export of the U-Net is cached (default: "
                                    "$XDG_CACHE_HOME/celeba-ddpm or ~/.cache/celeba-ddpm)")
     warmup: bool = Field(True, description="one step at every batch size before reporting ready")

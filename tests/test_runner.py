@@ -174,3 +174,15 @@ def test_engine_gives_the_same_images_on_onnx_and_eager_and_onnx_is_batch_invari
     together = generate(onnx, seeds, "ddim", 30, batch_size=3)
     alone = np.concatenate([generate(onnx, [s], "ddim", 30, batch_size=1) for s in seeds])
     assert nearly_equal(together, eager) and nearly_equal(together, alone)
+
+
+def test_cuda_graph_buckets_cover_every_batch_with_little_padding():
+    from model.runner_cuda import bucket
+
+    assert [bucket(n) for n in (1, 2, 7, 8, 9, 16, 17, 64, 65, 100)] == [1, 2, 7, 8, 16, 16, 24, 64, 96, 128]
+    for n in range(1, 300):
+        b = bucket(n)
+        assert b >= n and (n <= 8 or (b - n) / b < 1 / 2) and bucket(b) == b  # a bucket is its own bucket
+        assert n <= 64 or (b - n) < 32
+    with pytest.raises(ValueError):
+        bucket(0)

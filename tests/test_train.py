@@ -246,3 +246,17 @@ def test_compile_flag_trains_the_same_model(tmp_path):
     a, b = load_checkpoint(tmp_path / "eager" / "ckpt.pt"), load_checkpoint(tmp_path / "compiled" / "ckpt.pt")
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
+
+
+def test_pick_preset_takes_the_largest_that_fits_the_budget_else_the_fastest():
+    def pick(min_steps):
+        r = subprocess.run([sys.executable, "-m", "train.pick_preset", "--candidates", "tiny", "cpu32", "--budget",
+                            "10", "--min-steps", str(min_steps), "--batch-size", "2", "--seconds", "0.3",
+                            "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip(), r.stderr
+
+    chosen, table = pick(1)  # both fit: the larger one
+    assert chosen == "cpu32" and "| cpu32 | 0.69M |" in table and "chosen" in table
+    chosen, _ = pick(10**9)  # none fits: the faster one
+    assert chosen == "tiny"

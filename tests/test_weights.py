@@ -110,9 +110,12 @@ def test_sample_cli_writes_pngs_with_provenance(tmp_path, tiny_weights):
     # image i of seed s is the image of seed s + i alone
     out2 = tmp_path / "out2"
     subprocess.run([sys.executable, "-m", "model.sample", "--weights", str(tiny_weights), "--n", "1", "--seed", "8",
-                    "--steps", "20", "--sampler", "ddim", "--out", str(out2)], cwd=ROOT, check=True,
-                   capture_output=True, timeout=120)
+                    "--steps", "20", "--sampler", "ddim", "--out", str(out2), "--npz", str(tmp_path / "s.npz")],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
     assert (out2 / "8.png").read_bytes() == (out / "8.png").read_bytes()
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as z:  # the form train.evaluate --images reads
+        assert z["images"].dtype == np.uint8 and z["seeds"].tolist() == [8]
+        assert np.array_equal(z["images"][0], np.asarray(Image.open(out / "8.png").convert("RGB")))
 
 
 def test_sample_cli_bad_weights_names_the_file(tmp_path):
