@@ -96,16 +96,16 @@ for dt in $DTYPES; do
         --steps $BENCH_STEPS --dtype "$dt" --out "$RES/sampler-$dt.md"
     # 6. (after the first dtype) the service: 16 clients with step-level batching vs max batch 1, then latency
     if [ "$dt" = "${DTYPES%% *}" ] && [ -f "$W" ]; then
-        stage service-load 100 python3 bench/service_load.py load --weights "$W" --clients 1 16 \
+        stage service-load 100 python3 bench/service_load.py load --weights "$W" --clients 16 \
             --duration "$SERVICE_S" --max-batch 64 1 --body '{"n": 1}' --out "$RES/service-load.md"
-        stage service-latency 45 python3 bench/service_load.py latency --weights "$W" --n 1 4 \
+        stage service-latency 60 python3 bench/service_load.py latency --weights "$W" --n 1 4 \
             --out "$RES/service-latency.md"
     fi
 done
 
 # 7. with what time is left: the same EVAL_N images at the default 1000-step ddpm, and the wider test suite here
 if [ -f "$W" ]; then
-    stage eval-images-ddpm 60 python3 -m model.sample --weights "$W" --n "$EVAL_N" --batch-size 500 --steps "$DDPM_STEPS" \
+    stage eval-images-ddpm 90 python3 -m model.sample --weights "$W" --n "$EVAL_N" --batch-size 1000 --steps "$DDPM_STEPS" \
         --out runs/eval-ddpm --npz "$OUT/samples-ddpm1000.npz"
 fi
 stage tests-wide 120 python3 -m pytest -q -p no:cacheprovider --maxfail=5 tests/test_engine.py tests/test_runner.py \
