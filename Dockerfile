@@ -13,7 +13,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     OMP_WAIT_POLICY=PASSIVE \
-    CELEBA_DDPM_WEIGHTS=/app/weights/celeba32-cpu.safetensors \
     CELEBA_DDPM_HOST=0.0.0.0 \
     CELEBA_DDPM_PORT=8000
 
@@ -27,7 +26,8 @@ COPY service ./service
 COPY train ./train
 RUN sh deploy/install.sh /app
 
-# The shipped weights; mount others and point CELEBA_DDPM_WEIGHTS at them to override.
+# The shipped weights: with CELEBA_DDPM_WEIGHTS unset the service serves weights/celeba-h200-64.safetensors (64x64)
+# on a GPU and weights/celeba32-cpu.safetensors on CPU; mount others and point CELEBA_DDPM_WEIGHTS at them.
 COPY weights ./weights
 RUN useradd --create-home --uid 10001 ddpm
 USER 10001

@@ -93,13 +93,17 @@ def time_diffusers(w, device, dtype, batch: int, steps: int) -> float:
     from diffusers import DDPMPipeline
 
     sched = diffusers_scheduler(w.diffusion.config)
-    pipe = DDPMPipeline(unet=to_diffusers(w.unet).to(device, dtype), scheduler=sched)
+    # DDPMPipeline keeps the image in the U-Net's dtype and cannot hand back bf16 as numpy: a bf16 run is an fp32
+    # pipeline under autocast (the U-Net's matmuls and convs in bf16), as diffusers users run it
+    half = dtype != torch.float32
+    pipe = DDPMPipeline(unet=to_diffusers(w.unet).to(device, torch.float32 if half else dtype), scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator(device=device).manual_seed(0)  # noise drawn where the pipeline runs: its fastest
-    pipe(batch_size=batch, num_inference_steps=3, generator=g, output_type="np")  # warm-up
-    t0 = time.perf_counter()
-    pipe(batch_size=batch, num_inference_steps=steps, generator=g, output_type="np")
-    return time.perf_counter() - t0
+    with torch.autocast(device.type, dtype=dtype, enabled=half):
+        pipe(batch_size=batch, num_inference_steps=3, generator=g, output_type="np")  # warm-up
+        t0 = time.perf_counter()
+        pipe(batch_size=batch, num_inference_steps=steps, generator=g, output_type="np")
+        return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:

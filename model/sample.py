@@ -20,13 +20,14 @@ from .diffusion import SAMPLERS
 from .device import pick_device, pick_dtype
 from .engine import SamplerEngine, generate
 from .images import grid, png_bytes, provenance
-from .weights import DEFAULT_WEIGHTS, WeightsError, load_weights
+from .weights import WeightsError, default_weights, load_weights
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="safetensors weights (default: %(default)s)")
+    p.add_argument("--weights", default=None, help="safetensors weights (default: the shipped weights for the "
+                   "device, weights/celeba-h200-64.safetensors on CUDA, weights/celeba32-cpu.safetensors on CPU)")
     p.add_argument("--n", type=int, default=16, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--steps", type=int, default=1000)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(a.device)
         dtype = pick_dtype(a.dtype, device)
-        w = load_weights(a.weights, device)
+        w = load_weights(a.weights or default_weights(device), device)
         steps_ok = 1 <= a.steps <= w.diffusion.T
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

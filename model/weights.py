@@ -23,7 +23,14 @@ from .unet import UNet, UNetConfig
 
 FORMAT = "celeba-ddpm.unet/1"
 REQUIRED = ("format", "unet_config", "schedule", "image_size", "dataset", "training_steps", "code_version")
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "celeba32-cpu.safetensors"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "celeba32-cpu.safetensors"  # CPU: 32x32
+# 64x64, trained for 200 s on an H200 (bench/results/gpu-run-h200.md); too slow for a CPU at 1000 steps
+GPU_WEIGHTS = DEFAULT_WEIGHTS.with_name("celeba-h200-64.safetensors")
+
+
+def default_weights(device: torch.device) -> Path:
+    """The shipped weights for a device: the 64x64 model on a GPU, the small 32x32 one on CPU."""
+    return GPU_WEIGHTS if device.type == "cuda" else DEFAULT_WEIGHTS
 
 
 class WeightsError(ValueError):

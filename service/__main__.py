@@ -43,12 +43,12 @@ def main(argv=None) -> int:
         print(f"error: bad setting: {e}", file=sys.stderr)
         return 2
     try:
-        pick_device(settings.device)  # fail fast on a device this machine lacks (cuda:7 on a 1-GPU host)
+        device = pick_device(settings.device)  # fail fast on a device this machine lacks (cuda:7 on a 1-GPU host)
     except ValueError as e:
         print(f"error: bad setting: device: {e}", file=sys.stderr)
         return 2
     try:
-        weights = load_weights(settings.weights)  # fail fast, before binding the port
+        weights = load_weights(settings.weights_path(device))  # fail fast, before binding the port
     except WeightsError as e:
         print(f"error: cannot load weights: {e}", file=sys.stderr)
         return 2

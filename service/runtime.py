@@ -52,7 +52,7 @@ def build_runtime(settings: Settings, weights: LoadedWeights | None = None,
         torch.set_num_threads(settings.threads)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    weights = weights or load_weights(settings.weights)
+    weights = weights or load_weights(settings.weights_path(device))
     engine = SamplerEngine(weights.unet, weights.diffusion, device, dtype, memory_format=settings.memory_format,
                            runner=settings.runner, workers=settings.threads,
                            cache_dir=settings.cache_dir)

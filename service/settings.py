@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.weights import DEFAULT_WEIGHTS
+from model.weights import default_weights
+
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CELEBA_DDPM_", extra="ignore")
 
-    weights: Path = Field(DEFAULT_WEIGHTS, description="safetensors weights file")
+    weights: Path | None = Field(None, description="safetensors weights file (default: the shipped "
+                                 "weights/celeba-h200-64.safetensors on CUDA, weights/celeba32-cpu.safetensors on CPU)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     max_batch: int = Field(16, ge=1, description="most samples denoised together in one step")
@@ -55,6 +57,15 @@ class Settings(BaseSettings):
                                      "client address (rate limits, logs): comma-separated IPs or CIDRs, or *")
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _empty_is_default(cls, v):
+        return None if v == "" else v  # CELEBA_DDPM_WEIGHTS= (compose's unset variable): the shipped default
+
+    def weights_path(self, device) -> Path:
+        """The file to serve on `device` (a torch.device): WEIGHTS, else the shipped default for that device."""
+        return self.weights or default_weights(device)
 
     def keys(self) -> list[str]:
         """Every configured API key (API_KEY, API_KEYS and API_KEYS_FILE together); empty: no authentication."""

@@ -19,6 +19,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # The ONNX Runtime runner caches its exports under $XDG_CACHE_HOME (model/runner_onnx.py): tests and the services
 # they start use a fresh one, never the user's.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="celeba-ddpm-test-cache-")
+# The suite tests the CPU paths on every host (services it starts, in-process or as subprocesses, read this): on a
+# GPU host `auto` would move them to CUDA, where kernels and defaults differ. tests/test_cuda.py asks for CUDA itself.
+os.environ["CELEBA_DDPM_DEVICE"] = "cpu"
 
 
 def make_tiny_weights(path: Path, seed: int = 0, preset: str = "tiny") -> Path:

@@ -94,7 +94,9 @@ def test_same_seed_same_image_whatever_else_is_in_the_batch_on_cuda():
     assert got is not None and alone.std() > 10
     diff = np.abs(alone.astype(int) - got.astype(int))
     print(f"seed 7 alone vs in a batch of 5 on CUDA bf16: max diff {diff.max()}, differing {(diff > 0).mean():.4%}")
-    assert nearly_equal(alone, got)
+    # On CUDA the kernels change with the batch size (graph bucket 1 vs 5): measured on an H200, 2 of the 192
+    # values differ by 1/255 (README "Determinism"). Within 1/255 everywhere, on at most 2% of the values.
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.02
 
 
 @pytest.mark.parametrize("dtype,mean_tol", [(torch.float32, 0.5), (torch.bfloat16, 4.0)])
@@ -141,14 +143,14 @@ def test_the_service_serves_on_cuda_with_graphs(tmp_path):
     from service_helpers import decode_png, running
 
     weights = make_tiny_weights(tmp_path / "tiny.safetensors")
-    with running(Settings(weights=weights, max_batch=8, max_n=8, queue_size=8)) as (url, _):
+    with running(Settings(weights=weights, device="cuda", max_batch=8, max_n=8, queue_size=8)) as (url, _):
         info = httpx.get(url + "/v1/model").json()
         assert info["device"] == "cuda:0" and info["runner"] == "graphs"
         assert info["dtype"] == ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
         one = httpx.post(url + "/generate", json={"n": 1, "seed": 5}, timeout=120).json()
         three = httpx.post(url + "/generate", json={"n": 3, "seed": 5}, timeout=120).json()
-        first, _ = decode_png(one["images"][0])
-        again, _ = decode_png(three["images"][0])
+        first, _ = decode_png(one["images"][0]["png"])
+        again, _ = decode_png(three["images"][0]["png"])
         assert first.std() > 10 and nearly_equal(first, again)
         metrics = httpx.get(url + "/metrics").text
         assert 'device="cuda:0"' in metrics

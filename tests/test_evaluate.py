@@ -76,8 +76,13 @@ def test_inception_sees_299x299_images_in_minus_one_to_one():
     feats = inception_features(images, Spy(), batch_size=3)
     (x,) = seen
     assert feats.shape == (3, 2048) and x.shape == (3, 3, 299, 299)
-    assert torch.all(x[0] == -1) and torch.all(x[1] == 1)
-    assert torch.all(x[2, 0] == 1) and torch.all(x[2, 1:] == -1)
+    # to float rounding: bilinear resizing of a constant image may land 1 ulp off it, depending on which vectorised
+    # kernel torch picks (it did after the service tests had run in the same process)
+    def near(a, v):
+        return torch.allclose(a, torch.full_like(a, v), rtol=0, atol=1e-6)
+
+    assert near(x[0], -1) and near(x[1], 1)
+    assert near(x[2, 0], 1) and near(x[2, 1:], -1)
 
 
 @needs_celeba()

@@ -68,7 +68,7 @@ def test_png_response_matches_offline_cli_for_the_full_ddpm_loop(served, tiny_we
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.headers["x-seed"] == "11"
     subprocess.run([sys.executable, "-m", "model.sample", "--weights", str(tiny_weights), "--n", "1", "--seed", "11",
-                    "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+                    "--device", "cpu", "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert r.content == (tmp_path / "11.png").read_bytes()  # same pixels, same provenance chunks
     grid = post(url, {"n": 4, "seed": 1, "steps": 5, "sampler": "ddim"}, headers={"Accept": "image/png"})
     pixels, text = decode_png(grid.content)

@@ -2,6 +2,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.diffusion import ScheduleConfig, cosine_betas
-from model.unet import PRESETS, UNet, count_parameters
+from model.unet import PRESETS, UNet, UNetConfig, count_parameters
 from model.weights import FORMAT, WeightsError, file_sha256, load_weights, save_weights
 
 from conftest import ROOT
@@ -137,3 +138,29 @@ def test_shipped_weights_describe_their_training_and_never_saw_the_validation_im
     assert len(commands) >= 2 and all("--range 1-8000" in c for c in commands)  # 8001-9000 are held out
     assert training["ema"] is True and "--prediction v" in commands[-1] and "--init" in commands[-1]
     assert int(w.metadata["training_steps"]) > training["init"]["training_steps"] > 0  # both stages counted
+
+
+def test_shipped_gpu_weights_are_64x64_trained_on_a_gpu_and_sample_faces_on_cpu():
+    from model.engine import SamplerEngine, generate
+    from model.weights import GPU_WEIGHTS
+
+    assert GPU_WEIGHTS.stat().st_size < 20 * 2**20
+    w = load_weights(GPU_WEIGHTS)
+    assert w.unet.config == UNetConfig.from_dict({**PRESETS["celeba64-2m"].to_dict(), "dropout": 0.0})
+    training = json.loads(w.metadata["training"])
+    assert training["device"] == "cuda:0" and "--range 1-8000" in training["command"] and training["ema"] is True
+    assert int(w.metadata["training_steps"]) == 3100
+    images = generate(SamplerEngine(w.unet, w.diffusion), [0, 1], "ddim", 20, 2)
+    assert images.shape == (2, 64, 64, 3) and 40 < images.mean() < 215 and images.std() > 20
+
+
+def test_the_service_and_cli_default_to_the_weights_for_their_device(monkeypatch):
+    from model.weights import DEFAULT_WEIGHTS, GPU_WEIGHTS, default_weights
+    from service.settings import Settings
+
+    assert default_weights(torch.device("cpu")) == DEFAULT_WEIGHTS
+    assert default_weights(torch.device("cuda", 0)) == GPU_WEIGHTS
+    monkeypatch.setenv("CELEBA_DDPM_WEIGHTS", "")  # compose passes an unset variable as empty: the default
+    assert Settings().weights is None and Settings().weights_path(torch.device("cuda", 0)) == GPU_WEIGHTS
+    monkeypatch.setenv("CELEBA_DDPM_WEIGHTS", "/models/mine.safetensors")
+    assert Settings().weights_path(torch.device("cuda", 0)) == Path("/models/mine.safetensors")

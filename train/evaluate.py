@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     kid, kid_std = kid_from_features(gen_feats, real_feats)
     result = {
         "weights": str(a.weights), "sha256": w.sha256, "model": w.name, "resolution": size,
-        "sampler": a.sampler if not a.images else "from --images", "steps": a.steps, "n": a.n,
+        "sampler": a.sampler if not a.images else f"from --images {a.images}", "steps": None if a.images else a.steps,
+        "n": a.n,
         "real": {"data": str(a.data), "range": a.range_, "features_cached": cached},
         "fid": round(fid_from_features(gen_feats, real_feats), 3), "kid": round(kid, 5), "kid_std": round(kid_std, 5),
         "face_share_generated": round(face_share(gen), 4), "face_share_real": round(real_share, 4),
