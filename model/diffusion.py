@@ -130,39 +130,58 @@ class Diffusion:
         return torch.nn.functional.mse_loss(eps_hat, eps.float())
 
     # ---- reverse process -------------------------------------------------------------------------------
-    def timesteps(self, steps: int, spacing: str = "uniform") -> torch.Tensor:
-        """A decreasing sub-sequence of 0..T-1 with `steps` entries, from T-1 down to 0.
+    def timesteps(self, steps: int, spacing: str = "uniform", t_max: int | None = None) -> torch.Tensor:
+        """A decreasing sub-sequence of 0..t_max with `steps` entries, from t_max (default T-1) down to 0.
 
         uniform: evenly spaced in t (DDPM, DDIM). logsnr: evenly spaced in lambda = log(alpha/sigma), the
         spacing DPM-Solver recommends (Lu et al. 2022), made strictly decreasing so every step is a new t.
+        A t_max below T-1 is SDEdit's partial chain: start from q_sample(x0, t_max) instead of pure noise.
         """
-        if not 1 <= steps <= self.T:
-            raise ValueError(f"steps must be in [1, {self.T}], got {steps}")
+        t_max = self.T - 1 if t_max is None else t_max
+        if not 0 <= t_max < self.T:
+            raise ValueError(f"t_max must be in [0, {self.T - 1}], got {t_max}")
+        if not 1 <= steps <= t_max + 1:
+            raise ValueError(f"steps must be in [1, {t_max + 1}], got {steps}")
         if steps == 1:
-            return torch.tensor([self.T - 1])
+            return torch.tensor([t_max])
         if spacing == "uniform":
-            return torch.linspace(self.T - 1, 0, steps, dtype=torch.float64).round().long()
+            return torch.linspace(t_max, 0, steps, dtype=torch.float64).round().long()
         if spacing != "logsnr":
             raise ValueError(f"unknown spacing {spacing!r}")
         ab = self.alphas_cumprod
         lam = 0.5 * torch.log(ab / (1 - ab))  # decreasing in t
-        targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
-        ts = torch.searchsorted(-lam, -targets).clamp(0, self.T - 1).tolist()
-        ts[0], ts[-1] = self.T - 1, 0
+        targets = torch.linspace(float(lam[t_max]), float(lam[0]), steps, dtype=torch.float64)
+        ts = torch.searchsorted(-lam, -targets).clamp(0, t_max).tolist()
+        ts[0], ts[-1] = t_max, 0
         for k in range(steps - 2, -1, -1):  # near t = 0 several targets round to one t: spread them out
-            ts[k] = min(max(ts[k], ts[k + 1] + 1), self.T - 1 - k)
+            ts[k] = min(max(ts[k], ts[k + 1] + 1), t_max - k)
         return torch.tensor(ts)
 
-    def coefficients(self, sampler: str, steps: int) -> torch.Tensor:
-        """A (steps, 7) float64 table: timestep, then a, b, c, d, e, f for each step (see module docstring)."""
-        key = (sampler, steps)
+    def coefficients(self, sampler: str, steps: int, t_max: int | None = None) -> torch.Tensor:
+        """A (steps, 7) float64 table: timestep, then a, b, c, d, e, f for each step (see module docstring),
+        over the chain from t_max (default T-1) down to 0."""
+        key = (sampler, steps, self.T - 1 if t_max is None else t_max)
         if key not in self._tables:
             if sampler not in SAMPLERS:
                 raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
             spacing = "logsnr" if sampler == "dpm-solver++" else "uniform"
-            self._tables[key] = _build_table(sampler, self.timesteps(steps, spacing), self.alphas_cumprod,
+            self._tables[key] = _build_table(sampler, self.timesteps(steps, spacing, t_max), self.alphas_cumprod,
                                              self.config.prediction)
         return self._tables[key]
+
+    def landing(self, sampler: str, steps: int, t_max: int | None = None) -> torch.Tensor:
+        """A (steps, 2) float64 table: (sqrt(alphabar), sqrt(1 - alphabar)) of the timestep each step lands on
+        ((1, 0) after the last): what RePaint needs to noise the known pixels to the level of the new x."""
+        t = self.coefficients(sampler, steps, t_max)[:, 0].long()
+        ab = torch.cat([self.alphas_cumprod[t[1:]], torch.ones(1, dtype=torch.float64)])
+        return torch.stack([ab.sqrt(), (1 - ab).sqrt()], 1)
+
+    def t_max_for_strength(self, strength: float) -> int:
+        """SDEdit (Meng et al. 2021): strength s in (0, 1] starts the chain at t = round(s * T) - 1 (s = 1: T-1,
+        plain sampling from an image noised beyond recognition)."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        return max(0, round(strength * self.T) - 1)
 
 
 def _build_table(sampler: str, taus: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str = "eps"

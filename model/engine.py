@@ -5,6 +5,12 @@ the whole batch (through model/runner.py, which makes it fast on the device) and
 model/diffusion.py for the coefficient form). Rows can be added and removed between steps, which is what
 continuous batching in the service needs; `generate()` is the plain offline loop built on the same engine, so
 the CLI and the service produce the same pixels.
+
+Editing rows share the same step (model/edit.py): a row may start from a given image noised to its chain's top
+timestep t_max (SDEdit), from a given x (interpolation between seeds), and may carry a known image and a mask whose
+known pixels replace the row's after every update, noised to the level the update landed on with the row's own
+counter-based noise (RePaint); after the last update they are the known pixels exactly. Plain rows in the same batch
+are untouched by any of it (`torch.where` with a false mask), so they stay pixel-identical.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 
 from .device import memory_allocated, pick_memory_format, release_cached_memory
 from .diffusion import MULTISTEP, STOCHASTIC, Diffusion
-from .noise import gaussian
+from .noise import KNOWN_NOISE_BASE, gaussian
 from .runner import ModelRunner
 from .unet import UNet
 
@@ -33,6 +39,17 @@ class SampleSpec:
     sampler: str = "ddpm"
     steps: int = 1000
     preview_every: int = 0  # > 0: report the x0 estimate after every k-th step (and after the last)
+    t_max: int | None = None  # the chain's first timestep (default T-1); lower: SDEdit from a given image
+
+
+@dataclass
+class Edit:
+    """What makes a row an edit (all (C, H, W) or (1, H, W) float tensors in the model's [-1, 1] range):
+    image: the picture to start from (noised to t_max) and, with `keep`, the known pixels; keep: True where the
+    image's pixels are kept (RePaint); x_start: the exact x to start from instead (interpolation)."""
+    image: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    x_start: torch.Tensor | None = None
 
 
 @dataclass
@@ -42,6 +59,7 @@ class _Row:
     sampler: str
     steps: int
     preview_every: int = 0
+    masked: bool = False  # carries known pixels (RePaint)
     pos: int = 0
 
 
@@ -78,12 +96,15 @@ class SamplerEngine:
         self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
         self.noise_chunk_elems = noise_chunk_elems
         self._table = torch.zeros(0, 7, dtype=torch.float32, device=self.device)
-        self._table_offsets: dict[tuple[str, int], int] = {}
+        self._landing = torch.zeros(0, 2, dtype=torch.float32, device=self.device)  # RePaint's noise levels
+        self._table_offsets: dict[tuple[str, int, int | None], int] = {}
         self.rows: list[_Row] = []
         self._stochastic = 0  # rows whose sampler adds noise (counted on the host: step() never syncs to ask)
         self._multistep = 0  # rows that need the previous x0 estimate
+        self._masked = 0  # rows with known pixels (RePaint)
         empty = torch.zeros(0, *self.shape, device=self.device)
-        self.x, self.x0_prev = empty, empty.clone()
+        self.x, self.x0_prev, self.known = empty, empty.clone(), empty.clone()
+        self.keep = torch.zeros(0, 1, *self.shape[1:], dtype=torch.bool, device=self.device)
         self.seeds = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.pos = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.offset = torch.zeros(0, dtype=torch.int64, device=self.device)
@@ -101,40 +122,68 @@ class SamplerEngine:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def _table_offset(self, sampler: str, steps: int) -> int:
-        key = (sampler, steps)
+    def _table_offset(self, sampler: str, steps: int, t_max: int | None = None) -> int:
+        key = (sampler, steps, t_max)
         if key not in self._table_offsets:
-            table = self.diffusion.coefficients(sampler, steps).to(self.device, torch.float32)
+            table = self.diffusion.coefficients(sampler, steps, t_max).to(self.device, torch.float32)
+            landing = self.diffusion.landing(sampler, steps, t_max).to(self.device, torch.float32)
             self._table_offsets[key] = self._table.shape[0]
             self._table = torch.cat([self._table, table])
+            self._landing = torch.cat([self._landing, landing])
         return self._table_offsets[key]
 
-    def add(self, group: Hashable, specs: Iterable[SampleSpec], first_index: int = 0) -> None:
-        """Add samples as indices first_index.. of `group`; they start at their own step 0 on the next step()."""
+    def add(self, group: Hashable, specs: Iterable[SampleSpec], first_index: int = 0,
+            edits: list[Edit | None] | None = None) -> None:
+        """Add samples as indices first_index.. of `group`; they start at their own step 0 on the next step().
+        edits: one Edit (or None for a plain row) per spec."""
         specs = list(specs)
         if not specs:
             return
+        edits = list(edits) if edits is not None else [None] * len(specs)
+        if len(edits) != len(specs):
+            raise ValueError(f"{len(edits)} edits for {len(specs)} samples")
         for s in specs:
             if not 0 <= s.seed < 2**63:
                 raise ValueError(f"seed must be in [0, 2^63), got {s.seed}")
-        offsets = [self._table_offset(s.sampler, s.steps) for s in specs]
+        offsets = [self._table_offset(s.sampler, s.steps, s.t_max) for s in specs]
         seeds = self._to_device([s.seed for s in specs])
         zero = torch.zeros(len(specs), dtype=torch.int64, device=self.device)
         x_T = gaussian(seeds, zero, self.shape)  # noise index 0 (model/noise.py)
+        known = torch.zeros_like(x_T)
+        keep = torch.zeros(len(specs), 1, *self.shape[1:], dtype=torch.bool, device=self.device)
+        for i, (s, e) in enumerate(zip(specs, edits)):
+            if e is None:
+                continue
+            if e.x_start is not None:
+                x_T[i] = e.x_start.to(self.device, torch.float32)
+            elif e.image is not None:  # SDEdit: the image noised to the chain's first timestep, with the same eps
+                t_top = self.diffusion.T - 1 if s.t_max is None else s.t_max
+                x_T[i] = self.diffusion.q_sample(e.image.to(self.device, torch.float32)[None],
+                                                 torch.tensor([t_top], device=self.device), x_T[i:i + 1])[0]
+            if e.keep is not None:
+                if e.image is None:
+                    raise ValueError("a mask of known pixels needs the image they come from")
+                known[i], keep[i] = e.image.to(self.device, torch.float32), e.keep.to(self.device, torch.bool)
         x, x0_prev = torch.cat([self.x, x_T]), torch.cat([self.x0_prev, torch.zeros_like(x_T)])
         seeds, pos = torch.cat([self.seeds, seeds]), torch.cat([self.pos, zero])
         offset = torch.cat([self.offset, self._to_device(offsets)])
+        known, keep = torch.cat([self.known, known]), torch.cat([self.keep, keep])
         # commit (nothing below can fail)
         self.x, self.x0_prev, self.seeds, self.pos, self.offset = x, x0_prev, seeds, pos, offset
-        self.rows += [_Row(group, first_index + i, s.sampler, s.steps, s.preview_every) for i, s in enumerate(specs)]
+        self.known, self.keep = known, keep
+        self.rows += [_Row(group, first_index + i, s.sampler, s.steps, s.preview_every,
+                           masked=e is not None and e.keep is not None)
+                      for i, (s, e) in enumerate(zip(specs, edits))]
         self._count_kinds()
         self._z = None  # refilled for all rows at the next step
 
     def _count_kinds(self) -> None:
         self._stochastic = sum(r.sampler in STOCHASTIC for r in self.rows)
         self._multistep = sum(r.sampler in MULTISTEP for r in self.rows)
+        self._masked = sum(r.masked for r in self.rows)
 
-    _STATE = ("x", "x0_prev", "seeds", "pos", "offset")  # per-row tensors, row i of each is self.rows[i]
+    # per-row tensors, row i of each is self.rows[i]
+    _STATE = ("x", "x0_prev", "seeds", "pos", "offset", "known", "keep")
 
     def _keep(self, keep: list[int], state: dict | None = None, z: torch.Tensor | None = None, zcol: int = 0) -> None:
         """Keep rows `keep` and commit, all or nothing. state/z/zcol: the per-row tensors and noise to keep rows of
@@ -207,6 +256,11 @@ class SamplerEngine:
         if self._multistep:
             x += d * self.x0_prev
             x0_prev = e * self.x + f * out
+        if self._masked:  # RePaint: known pixels, noised to where this step landed (exact after the last step)
+            level = self._landing[self.offset + self.pos]
+            zk = gaussian(self.seeds, KNOWN_NOISE_BASE + self.pos, self.shape)
+            known_t = level[:, 0].view(-1, 1, 1, 1) * self.known + level[:, 1].view(-1, 1, 1, 1) * zk
+            x = torch.where(self.keep, known_t, x)
         pos = self.pos + 1
         finished = [i for i, r in enumerate(self.rows) if r.pos + 1 == r.steps]
         done, failed = [], []
@@ -228,7 +282,8 @@ class SamplerEngine:
             images = to_uint8(x0_hat).cpu().numpy()
             previews = [(self.rows[i].group, self.rows[i].index, self.rows[i].pos + 1, img)
                         for i, img, ok in zip(want, images, finite) if ok]
-        state = {"x": x, "x0_prev": x0_prev, "seeds": self.seeds, "pos": pos, "offset": self.offset}
+        state = {"x": x, "x0_prev": x0_prev, "seeds": self.seeds, "pos": pos, "offset": self.offset,
+                 "known": self.known, "keep": self.keep}
         gone = set(finished)
         self._keep([i for i in range(len(self.rows)) if i not in gone], state, z, zcol + 1)  # commit the step
         for r in self.rows:

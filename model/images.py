@@ -1,4 +1,4 @@
-"""PNG encoding with provenance text chunks, and sample grids."""
+"""PNG encoding with provenance text chunks, sample grids, and framing a face photo the way the training data is."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import math
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+CELEBA_W, CELEBA_H = 178, 218
+CELEBA_BOX = (89.0, 121.0, 128.0)  # centre x, centre y, side, on the 178x218 image (DDIM's CelebA-64 framing)
 
 
 def png_bytes(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:
@@ -33,3 +36,29 @@ def grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarr
 
 def provenance(seed: int, sampler: str, steps: int, sha256: str, model: str) -> dict[str, str]:
     return {"seed": str(seed), "sampler": sampler, "steps": str(steps), "weights_sha256": sha256, "model": model}
+
+
+def frame_box(w: int, h: int, framing: str) -> tuple[float, float, float, float]:
+    if framing == "auto":
+        framing = "celeba" if abs(w / h - CELEBA_W / CELEBA_H) < 0.02 else "center"
+    if framing == "celeba":
+        s = w / CELEBA_W
+        cx, cy, side = (v * s for v in CELEBA_BOX)
+        return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
+    if framing == "center":
+        side = min(w, h)
+        return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+    raise ValueError(f"unknown framing {framing!r} (expected auto, celeba or center)")
+
+
+def frame(img: Image.Image, size: int, framing: str = "auto") -> np.ndarray:
+    """Crop the face box and resize to size x size (antialiased); when the box is already size x size, crop
+    whole pixels only (the half-size CelebA box falls between pixels: no resampling blur for 64x64 models)."""
+    img = img.convert("RGB")
+    box = frame_box(img.width, img.height, framing)
+    if abs((box[2] - box[0]) - size) < 1e-6:
+        left, top = int(box[0]), int(box[1])
+        img = img.crop((left, top, left + size, top + size))
+    else:
+        img = img.resize((size, size), Image.BICUBIC, box=box)
+    return np.asarray(img, dtype=np.uint8)

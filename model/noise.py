@@ -1,7 +1,8 @@
 """Counter-based Gaussian noise: a sample's noise is a pure function of (seed, noise index, element).
 
 A sample's initial x_T uses noise index 0 and the z of its k-th reverse step index k + 1, so its trajectory
-does not depend on which other samples share its batch or on the step at which it joined. Uniforms come from
+does not depend on which other samples share its batch or on the step at which it joined. The noise that RePaint
+adds to the known pixels after step k uses index KNOWN_NOISE_BASE + k (model/engine.py). Uniforms come from
 Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), the generator behind
 cuRAND's and PyTorch's CUDA RNG, written in integer tensor ops so one call makes the noise for a whole batch on
 any device; normals from the Box-Muller transform.
@@ -14,6 +15,7 @@ import math
 import torch
 
 _MASK32 = 0xFFFFFFFF
+KNOWN_NOISE_BASE = 1 << 31  # noise indices of RePaint's known-pixel noise, apart from the chain's own
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
 
@@ -59,3 +61,18 @@ def gaussian(seeds: torch.Tensor, noise_index: torch.Tensor, shape: tuple[int, .
     th01, th23 = (2 * math.pi) * u[1], (2 * math.pi) * u[3]
     z = torch.stack([r01 * torch.cos(th01), r01 * torch.sin(th01), r23 * torch.cos(th23), r23 * torch.sin(th23)], -1)
     return z.reshape(seeds.shape[0], blocks * 4)[:, :n].reshape(seeds.shape[0], *shape)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    """Spherical interpolation between two Gaussian noise tensors (the DDIM paper's interpolation of x_T): stays
+    at the norm a Gaussian sample has, where a straight line between them would shrink it. w = 0 gives a, 1 gives b."""
+    if w == 0:
+        return a.clone()
+    if w == 1:
+        return b.clone()
+    af, bf = a.double().flatten(), b.double().flatten()
+    omega = torch.arccos((af @ bf / (af.norm() * bf.norm())).clamp(-1, 1))
+    so = torch.sin(omega)
+    out = (torch.sin((1 - w) * omega) / so) * a.double() + (torch.sin(w * omega) / so) * b.double()
+    return out.to(a.dtype)
+

@@ -21,9 +21,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from model.images import CELEBA_BOX, CELEBA_H, CELEBA_W, frame, frame_box  # noqa: F401 (re-exported)
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CELEBA_W, CELEBA_H = 178, 218
-CELEBA_BOX = (89.0, 121.0, 128.0)  # centre x, centre y, side, on the 178x218 image
 
 
 class DataError(ValueError):
@@ -53,32 +53,6 @@ def _in_range(name: str, rng: tuple[int, int] | None) -> bool:
         return True
     stem = Path(name).stem
     return stem.isdigit() and rng[0] <= int(stem) <= rng[1]
-
-
-def frame_box(w: int, h: int, framing: str) -> tuple[float, float, float, float]:
-    if framing == "auto":
-        framing = "celeba" if abs(w / h - CELEBA_W / CELEBA_H) < 0.02 else "center"
-    if framing == "celeba":
-        s = w / CELEBA_W
-        cx, cy, side = (v * s for v in CELEBA_BOX)
-        return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
-    if framing == "center":
-        side = min(w, h)
-        return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
-    raise DataError(f"unknown framing {framing!r} (expected auto, celeba or center)")
-
-
-def frame(img: Image.Image, size: int, framing: str = "auto") -> np.ndarray:
-    """Crop the face box and resize to size x size (antialiased); when the box is already size x size, crop
-    whole pixels only (the half-size CelebA box falls between pixels: no resampling blur for 64x64 models)."""
-    img = img.convert("RGB")
-    box = frame_box(img.width, img.height, framing)
-    if abs((box[2] - box[0]) - size) < 1e-6:
-        left, top = int(box[0]), int(box[1])
-        img = img.crop((left, top, left + size, top + size))
-    else:
-        img = img.resize((size, size), Image.BICUBIC, box=box)
-    return np.asarray(img, dtype=np.uint8)
 
 
 def _partition(root: Path) -> dict[str, int] | None:

@@ -1,0 +1,184 @@
+"""Editing rows (model/edit.py, model/engine.py): RePaint inpainting, SDEdit image-to-image, interpolation."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, needs_celeba
+from model.diffusion import Diffusion
+from model.edit import interpolation_starts, to_model
+from model.engine import Edit, SampleSpec, SamplerEngine, generate
+from model.images import frame
+from model.unet import PRESETS, UNet
+from model.weights import DEFAULT_WEIGHTS, load_weights
+
+TINY = PRESETS["tiny"]
+
+
+def tiny_engine(seed=0):
+    torch.manual_seed(seed)
+    return SamplerEngine(UNet(TINY), Diffusion())
+
+
+def images_of(engine, rows):
+    """rows: (group, SampleSpec, Edit | None); all added at once, run to the end; {group: image}."""
+    for group, spec, edit in rows:
+        engine.add(group, [spec], edits=[edit])
+    out = {}
+    while len(engine):
+        for group, _, img in engine.step().finished:
+            out[group] = img
+    return out
+
+
+def u8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def test_landing_levels_and_partial_chains():
+    d = Diffusion()
+    assert d.t_max_for_strength(1.0) == 999 and d.t_max_for_strength(0.5) == 499
+    with pytest.raises(ValueError):
+        d.t_max_for_strength(0)
+    ts = d.timesteps(50, "uniform", t_max=499)
+    assert ts[0] == 499 and ts[-1] == 0 and (ts[:-1] > ts[1:]).all()
+    ts = d.timesteps(20, "logsnr", t_max=300)
+    assert ts[0] == 300 and ts[-1] == 0 and (ts[:-1] > ts[1:]).all()
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 11\]"):
+        d.timesteps(12, t_max=10)
+    land = d.landing("ddpm", 1000)
+    assert torch.allclose(land[:-1, 0] ** 2, d.alphas_cumprod[:-1].flip(0))  # step k lands on t = 998 - k ...
+    assert land[-1].tolist() == [1.0, 0.0]  # ... and the last one on x_0 itself
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddpm", 50), ("ddim", 20)])
+def test_inpainting_keeps_the_known_pixels_and_fills_the_hole(sampler, steps):
+    engine = tiny_engine()
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 8, 8, generator=g) * 2 - 1
+    keep = torch.ones(1, 8, 8, dtype=torch.bool)
+    keep[:, 2:6, 2:6] = False  # the centre 50% square is repainted
+    out = images_of(engine, [(s, SampleSpec(s, sampler, steps), Edit(image=image, keep=keep)) for s in (1, 2)])
+    ref = u8(image)
+    known = keep[0].numpy()
+    for s in (1, 2):
+        diff = np.abs(out[s].astype(int) - ref.astype(int))
+        assert diff[known].max() <= 1 and (diff[known] == 0).mean() >= 0.99
+    assert not np.array_equal(out[1][~known], out[2][~known])  # the hole is drawn, per seed
+
+
+def test_edit_rows_share_a_batch_with_plain_rows_and_change_nothing_of_them():
+    image = torch.linspace(-1, 1, 3 * 64).view(3, 8, 8)
+    keep = torch.zeros(1, 8, 8, dtype=torch.bool)
+    keep[:, :, :4] = True
+    rows = {
+        "plain": (SampleSpec(3, "ddpm", 200), None),
+        "inpaint": (SampleSpec(4, "ddpm", 200), Edit(image=image, keep=keep)),
+        "sdedit": (SampleSpec(5, "ddim", 20, t_max=399), Edit(image=image)),
+        "interp": (SampleSpec(6, "dpm-solver++", 20), Edit(x_start=interpolation_starts(1, 2, 3, (3, 8, 8))[1])),
+    }
+    together = images_of(tiny_engine(), [(k, spec, e) for k, (spec, e) in rows.items()])
+    for k, (spec, e) in rows.items():
+        alone = images_of(tiny_engine(), [(k, spec, e)])[k]
+        assert np.array_equal(alone, together[k]), k  # pixel-identical on CPU, whatever shares the batch
+    assert np.array_equal(together["plain"], generate(tiny_engine(), [3], "ddpm", 200, 1)[0])
+
+
+def test_an_edit_is_determined_by_its_seed():
+    image = torch.zeros(3, 8, 8)
+    keep = torch.zeros(1, 8, 8, dtype=torch.bool)
+    keep[:, :4] = True
+    run = lambda seed: images_of(tiny_engine(), [("x", SampleSpec(seed, "ddpm", 100), Edit(image, keep))])["x"]  # noqa: E731
+    assert np.array_equal(run(7), run(7)) and not np.array_equal(run(7), run(8))
+
+
+@needs_celeba()
+def test_sdedit_moves_away_from_the_input_with_strength_and_one_is_plain_sampling(celeba_tar):
+    import tarfile
+
+    with tarfile.open(celeba_tar) as t:
+        face = Image.open(t.extractfile("008001.jpg"))
+        face.load()
+    w = load_weights(DEFAULT_WEIGHTS)
+    image = to_model(frame(face, 32))
+    ref = u8(image).astype(float)
+
+    def edit(strength, seeds=(0, 1, 2, 3)):
+        engine = SamplerEngine(w.unet, w.diffusion)
+        t_max = w.diffusion.t_max_for_strength(strength)
+        return images_of(engine, [(s, SampleSpec(s, "ddim", 20, t_max=t_max), Edit(image=image)) for s in seeds])
+
+    dist = {s: np.mean([np.abs(img - ref).mean() for img in edit(s).values()]) for s in (0.1, 0.4, 0.7, 1.0)}
+    assert dist[0.1] < dist[0.4] < dist[0.7] < dist[1.0], dist
+    print(dist)
+    assert dist[0.1] < dist[1.0] / 3  # a light edit keeps the face
+    # strength 1 noises the face beyond recognition: the image plain sampling gives for that seed, nearly
+    plain = generate(SamplerEngine(w.unet, w.diffusion), [0, 1], "ddim", 20, 2)
+    full = edit(1.0, (0, 1))
+    same_seed = np.abs(full[0].astype(float) - plain[0]).mean()
+    other_seed = np.abs(full[0].astype(float) - plain[1]).mean()
+    assert same_seed < 4 and same_seed < other_seed / 5, (same_seed, other_seed)
+
+
+def test_interpolation_is_a_smooth_path_from_seed_a_to_seed_b():
+    w = load_weights(DEFAULT_WEIGHTS)
+    starts = interpolation_starts(3, 11, 8, (3, 32, 32))
+    frames = images_of(SamplerEngine(w.unet, w.diffusion),
+                       [(j, SampleSpec(3, "ddim", 20), Edit(x_start=x)) for j, x in enumerate(starts)])
+    frames = np.stack([frames[j] for j in range(8)]).astype(float)
+    steps = [np.abs(frames[j + 1] - frames[j]).mean() for j in range(7)]
+    ends = np.abs(frames[-1] - frames[0]).mean()
+    assert max(steps) < ends / 2, (steps, ends)  # consecutive frames are close; the end points are not
+    plain = generate(SamplerEngine(w.unet, w.diffusion), [3, 11], "ddim", 20, 2)
+    assert np.array_equal(frames[0], plain[0]) and np.array_equal(frames[-1], plain[1])
+    norms = [x.norm() / starts[0].norm() for x in starts]
+    assert all(0.97 < r < 1.03 for r in norms)  # slerp keeps a Gaussian sample's norm (a straight line would not)
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "model.edit", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_edit_cli_inpaints_edits_and_interpolates(tmp_path):
+    photo = tmp_path / "face.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (109, 89, 3), dtype=np.uint8)).save(photo)
+    mask = np.zeros((109, 89), np.uint8)
+    mask[40:80, 25:65] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    r = _cli("--image", photo, "--mask", tmp_path / "mask.png", "--n", 2, "--seed", 5, "--steps", 20,
+             "--out", tmp_path / "inpaint")
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in (tmp_path / "inpaint").iterdir()} == {"input.png", "5.png", "6.png", "grid.png"}
+    assert Image.open(tmp_path / "inpaint" / "5.png").text["mode"] == "inpaint"
+    r = _cli("--image", photo, "--strength", 0.3, "--sampler", "ddim", "--steps", 10, "--out", tmp_path / "img2img")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "img2img" / "0.png").text["strength"] == "0.3"
+    r = _cli("--interpolate", 3, 11, "--frames", 4, "--steps", 10, "--out", tmp_path / "interp")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "interp" / "strip.png").size[0] > 4 * 32
+
+
+def test_edit_cli_refuses_bad_input_naming_the_file(tmp_path):
+    photo = tmp_path / "face.png"
+    Image.fromarray(np.zeros((109, 89, 3), np.uint8)).save(photo)
+    (tmp_path / "not.jpg").write_bytes(b"not an image")
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(tmp_path / "small-mask.png")
+    Image.fromarray(np.zeros((109, 89), np.uint8)).save(tmp_path / "empty-mask.png")
+    cases = [
+        (["--image", tmp_path / "not.jpg"], "not.jpg: cannot read the image"),
+        (["--image", photo, "--mask", tmp_path / "small-mask.png"], "the mask is 50x50, the image 89x109"),
+        (["--image", photo, "--mask", tmp_path / "empty-mask.png"], "marks nothing to repaint"),
+        (["--image", photo, "--strength", 1.5], "strength must be in (0, 1]"),
+        (["--image", photo, "--strength", 0.01, "--steps", 50], "steps must be in [1, 10]"),
+    ]
+    for args, message in cases:
+        r = _cli(*args, "--out", tmp_path / "o", timeout=120)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = _cli("--interpolate", 1, 2, "--frames", 17, "--out", tmp_path / "o", timeout=120)
+    assert r.returncode == 2 and "--frames must be in 2..16" in r.stderr
