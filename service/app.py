@@ -19,6 +19,7 @@ from starlette.routing import Match
 from model.device import DTYPE_NAMES
 from model.weights import LoadedWeights
 
+from .api_edits import edits_router
 from .api_images import images_router
 from .api_jobs import jobs_router
 from .api_ops import ops_router
@@ -34,7 +35,8 @@ from .settings import Settings
 
 log = logging.getLogger("celeba_ddpm.service")
 # Labels for requests answered before routing (a 413 by Content-Length) or by a mount; the rest use their route.
-ENDPOINTS = {"/", "/generate", "/v1/images/generations", "/v1/jobs", "/metrics", "/healthz", "/readyz", "/v1/model",
+ENDPOINTS = {"/", "/generate", "/v1/images/generations", "/v1/jobs", "/v1/edits", "/v1/interpolations", "/metrics",
+             "/healthz", "/readyz", "/v1/model",
              "/openapi.json", "/docs", "/redoc", DOCS_ASSETS, "/static"}
 
 
@@ -49,7 +51,8 @@ class MetricsAndLimits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rt: Runtime = self.get_runtime()
-        limit = rt.settings.max_body_bytes
+        # photos come to /v1/edits; everything else is a small JSON body
+        limit = rt.settings.max_upload_bytes if scope.get("path") == "/v1/edits" else rt.settings.max_body_bytes
         state = {"status": 500, "refused": False, "received": 0}
         t0 = time.perf_counter()
 
@@ -139,6 +142,7 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
     auth = make_auth(keys)
     app.include_router(images_router(auth))
     app.include_router(jobs_router(auth))
+    app.include_router(edits_router(auth))
     app.include_router(ops_router(settings))
     add_docs(app)  # its /static/docs mount goes before the page's /static
     add_page(app)

@@ -70,7 +70,7 @@ def build_runtime(settings: Settings, weights: LoadedWeights | None = None,
             on_fatal(exc)
 
     scheduler = Scheduler(engine, metrics, settings.max_batch, settings.queue_size, warm_up=settings.warmup,
-                          on_fatal=fatal)
+                          on_fatal=fatal, malloc_trim_s=settings.malloc_trim_s)
     store = JobStore(settings.max_jobs, settings.job_ttl_s)
     for state in STATES:
         metrics.jobs.labels(state).set_function(lambda state=state: store.count(state))  # at scrape time

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from model.device import StepTimer, is_device_fault
-from model.engine import SampleSpec, SamplerEngine
+from model.engine import Edit, SampleSpec, SamplerEngine
 
+from .memory import HeapTrimmer
 from .metrics import Metrics
 
 log = logging.getLogger("celeba_ddpm.scheduler")
@@ -66,6 +67,10 @@ class Job:
     deadline: float | None = None  # time.monotonic() by which it must finish
     preview_every: int = 0
     listener: Callable[..., None] | None = None
+    t_max: int | None = None  # an image-to-image edit's first timestep (model/edit.py); None: T-1
+    image: torch.Tensor | None = None  # an edit's input (3xHxW in [-1, 1]): start and/or known pixels
+    keep: torch.Tensor | None = None  # 1xHxW bool, True where the input's pixels are kept (inpainting)
+    x_starts: list[torch.Tensor] | None = None  # per image, the exact x to start from (interpolation)
     id: int = field(default_factory=itertools.count().__next__)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     state: str = "queued"
@@ -83,8 +88,15 @@ class Job:
         self.steps_done = [0] * self.n
 
     def specs(self, start: int, count: int) -> list[SampleSpec]:
-        return [SampleSpec(self.seed + i, self.sampler, self.steps, self.preview_every)
+        return [SampleSpec(self.seed + i, self.sampler, self.steps, self.preview_every, self.t_max)
                 for i in range(start, start + count)]
+
+    def edits(self, start: int, count: int) -> list[Edit | None] | None:
+        if self.x_starts is not None:
+            return [Edit(x_start=self.x_starts[i]) for i in range(start, start + count)]
+        if self.image is not None:
+            return [Edit(image=self.image, keep=self.keep)] * count
+        return None
 
     def steps_done_total(self) -> int:
         return sum(self.steps_done)
@@ -99,8 +111,10 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: SamplerEngine, metrics: Metrics, max_batch: int, queue_size: int,
-                 warm_up: bool = True, on_fatal: Callable[[BaseException], None] | None = None):
+                 warm_up: bool = True, on_fatal: Callable[[BaseException], None] | None = None,
+                 malloc_trim_s: float = 0.0):
         self.engine, self.metrics = engine, metrics
+        self.heap = HeapTrimmer(malloc_trim_s)  # service/memory.py: freed heap pages back to the OS
         self.max_batch, self.queue_size = max_batch, queue_size
         self.warm_up, self.on_fatal = warm_up, on_fatal
         self._pending: deque[Job] = deque()
@@ -230,10 +244,16 @@ class Scheduler:
                 self.metrics.active.set(0)
                 if not self._cancel and not self._stop:
                     self._cond.wait(timeout=0.5)
-                return True
+                idle = True
+            else:
+                idle = False
+        if idle:
+            self.heap.maybe_trim()  # outside the lock: submitters never wait for it
+            return True
         self._device_work(lambda: self._add(admits), tuple(job for job, _, _ in admits), sum(k for _, _, k in admits))
         if len(self.engine):
             self._step()
+        self.heap.maybe_trim()
         return True
 
     def _take_cancellations(self) -> list[tuple[Job, JobError]]:
@@ -291,7 +311,7 @@ class Scheduler:
 
     def _add(self, admits: list[tuple[Job, int, int]]) -> None:
         for job, start, count in admits:
-            self.engine.add(job.id, job.specs(start, count), first_index=start)
+            self.engine.add(job.id, job.specs(start, count), first_index=start, edits=job.edits(start, count))
 
     def _device_work(self, work: Callable[[], object], jobs: tuple[Job, ...] = (), rows: int = 0
                      ) -> tuple[bool, object]:

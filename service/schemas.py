@@ -14,7 +14,7 @@ from model.diffusion import SAMPLERS
 MAX_SEED = 2**53 - 1
 
 
-INT_FIELDS = {"n", "seed", "steps", "preview_every", "partial_images"}
+INT_FIELDS = {"n", "seed", "steps", "preview_every", "partial_images", "seed_a", "seed_b", "frames"}
 
 
 class _Request(BaseModel):
@@ -198,3 +198,54 @@ REASON_STATUS = {
     "rate_limited": 429, "queue_full": 503, "store_full": 503, "shutting_down": 503, "shutdown": 503, "worker_failed": 503, "oom": 503,
     "deadline": 504, "failed": 500, "non_finite": 500, "cancelled": 409, "disconnect": 499, "server_cancelled": 503,
 }
+
+
+class EditRequest(GenerateRequest):
+    """POST /v1/edits as JSON (or the same fields as multipart/form-data, with `image` and `mask` as files)."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"image": "<base64 JPEG or PNG>", "strength": 0.5, "n": 2, "seed": 7, "sampler": "ddim", "steps": 50},
+        {"image": "<base64 photo>", "mask": "<base64 PNG: white = repaint>", "n": 1, "seed": 7}]})
+
+    image: str = Field(max_length=28_000_000, description="the face photo, base64 (JPEG, PNG, WebP, BMP); framed "
+                       "like the training data and resized to the model's resolution")
+    mask: Optional[str] = Field(None, max_length=28_000_000, description="inpainting mask, base64, the photo's "
+                                "size: white = repaint, black = keep")
+    strength: Optional[Annotated[float, Field(gt=0, le=1, strict=True)]] = Field(
+        None, description="image-to-image: how far to move from the photo, 0 < s <= 1 (default 0.5; with a mask 1)")
+    steps: Optional[StrictInt] = Field(None, ge=1, le=1000, description="denoising steps (default: every step of "
+                                       "the chain for ddpm and ddpm-posterior, 50 otherwise)")
+    job: StrictBool = Field(False, description="true: answer 202 at once with a job handle (/v1/jobs/{id}: events, "
+                            "previews, images, cancel) instead of the images")
+    preview_every: StrictInt = Field(0, ge=0, le=1000, description="with `job`: previews every k-th step")
+
+
+class EditResponse(GenerateResponse):
+    mode: Literal["img2img", "inpaint"]
+    strength: float
+    framing: str = Field(description="what was done to the photo to fit the model")
+
+
+class InterpolationRequest(_Request):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"seed_a": 3, "seed_b": 11,
+                                                                               "frames": 8}]})
+
+    seed_a: StrictInt = Field(ge=0, le=MAX_SEED, description="the first frame is this seed's face")
+    seed_b: StrictInt = Field(ge=0, le=MAX_SEED, description="the last frame is this seed's face")
+    frames: StrictInt = Field(8, ge=2, le=16, description="frames along the path, both ends included")
+    steps: StrictInt = Field(50, ge=1, le=1000, description="DDIM steps per frame")
+
+
+class Frame(BaseModel):
+    index: int
+    png: str = Field(description="base64-encoded PNG")
+
+
+class InterpolationResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    seed_a: int
+    seed_b: int
+    steps: int
+    frames: list[Frame]
+    timings: Timings

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
                                   "default when lower than the model's T (unset: T, the full chain)")
     request_timeout_s: float | None = Field(None, gt=0, description="default per-request deadline (none: no limit)")
     max_body_bytes: int = Field(4096, ge=256, description="larger request bodies get 413")
+    max_upload_bytes: int = Field(20 * 2**20, ge=4096, description="larger bodies to /v1/edits (photos) get 413")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores)")
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto", description="auto: channels_last on CPU, contiguous on CUDA (GroupNorm there returns NCHW)")
@@ -44,6 +45,9 @@ class Settings(BaseSettings):
         "thread; on CUDA graphs captured per batch-size bucket")
     cache_dir: Path | None = Field(None, description="where the ONNX export of the U-Net is cached (default: "
                                    "$XDG_CACHE_HOME/celeba-ddpm or ~/.cache/celeba-ddpm)")
+    malloc_trim_s: float = Field(0.0, ge=0, description="give freed heap memory back to the OS (glibc's "
+                                 "malloc_trim) at most this often, in seconds, between steps; 0: never "
+                                 "(docs/reliability.md)")
     warmup: bool = Field(True, description="one step at every batch size before reporting ready")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time to finish in-flight work")
     limit_concurrency: int | None = Field(1000, ge=1, description="most open connections and tasks; beyond: 503 "

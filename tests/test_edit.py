@@ -182,3 +182,145 @@ def test_edit_cli_refuses_bad_input_naming_the_file(tmp_path):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     r = _cli("--interpolate", 1, 2, "--frames", 17, "--out", tmp_path / "o", timeout=120)
     assert r.returncode == 2 and "--frames must be in 2..16" in r.stderr
+
+
+# ---- the HTTP routes: POST /v1/edits, POST /v1/interpolations -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(tiny_weights):
+    from service.settings import Settings
+    from service_helpers import running
+
+    with running(Settings(weights=tiny_weights, max_batch=8, max_n=8, queue_size=8)) as (url, app):
+        yield url, app
+
+
+def _png(array) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _photo_and_mask():
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 255, (109, 89, 3), dtype=np.uint8)  # CelebA's half-size shape: the face box framing
+    mask = np.zeros((109, 89), np.uint8)
+    mask[50:75, 30:60] = 255
+    return photo, mask
+
+
+def test_edits_inpaint_over_json_and_multipart_alike(served, tiny_weights):
+    import base64
+
+    import httpx
+
+    from service_helpers import decode_png
+
+    url, _ = served
+    photo, mask = _photo_and_mask()
+    fields = {"n": 2, "seed": 5, "sampler": "ddpm", "steps": 30}
+    r = httpx.post(url + "/v1/edits", timeout=120, json={
+        **fields, "image": base64.b64encode(_png(photo)).decode(), "mask": base64.b64encode(_png(mask)).decode()})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["mode"] == "inpaint" and body["strength"] == 1.0 and "CelebA face box" in body["framing"]
+    assert [im["seed"] for im in body["images"]] == [5, 6]
+    r2 = httpx.post(url + "/v1/edits", timeout=120, data={k: str(v) for k, v in fields.items()},
+                    files={"image": ("face.png", _png(photo), "image/png"), "mask": ("m.png", _png(mask), "image/png")})
+    assert r2.status_code == 200, r2.text
+    assert [im["png"] for im in r2.json()["images"]] == [im["png"] for im in body["images"]]  # same request, same PNGs
+    # the known pixels came back: the framed photo where the mask is black, as model.edit computes it offline
+    w = load_weights(tiny_weights)
+    framed = frame(Image.fromarray(photo), 8)
+    keep = frame(Image.fromarray(mask).convert("RGB"), 8)[..., 0] < 128
+    got, _ = decode_png(body["images"][0]["png"])
+    assert np.abs(got[keep].astype(int) - framed[keep].astype(int)).max() <= 1
+    offline = images_of(SamplerEngine(w.unet, w.diffusion), [("x", SampleSpec(5, "ddpm", 30),
+                                                              Edit(image=to_model(framed),
+                                                                   keep=torch.from_numpy(keep)[None]))])["x"]
+    assert np.array_equal(got, offline)
+
+
+def test_edits_img2img_as_a_job_with_previews(served):
+    import base64
+
+    import httpx
+
+    url, _ = served
+    photo, _ = _photo_and_mask()
+    r = httpx.post(url + "/v1/edits", timeout=60, json={"image": base64.b64encode(_png(photo)).decode(),
+                                                        "strength": 0.4, "sampler": "ddim", "steps": 20,
+                                                        "job": True, "preview_every": 5})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    from test_jobs import events
+
+    kinds = [k for k, _ in events(url, job_id)]
+    assert "preview" in kinds and kinds[-1] == "completed"
+    info = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+    assert info["state"] == "succeeded" and info["steps"] == 20 and len(info["images"]) == 1
+
+
+def test_edits_refuse_bad_input_with_a_clear_4xx(served):
+    import base64
+
+    import httpx
+
+    url, app = served
+    photo, mask = _photo_and_mask()
+    img = base64.b64encode(_png(photo)).decode()
+    cases = [
+        ({"image": "not base64!"}, 422, "image: not valid base64"),
+        ({"image": base64.b64encode(b"GIF89a nonsense").decode()}, 422, "image: not an image"),
+        ({"image": img, "mask": base64.b64encode(_png(mask[:50, :50])).decode()}, 422, "mask: 50x50, but the image"),
+        ({"image": img, "mask": base64.b64encode(_png(np.zeros((109, 89), np.uint8))).decode()}, 422,
+         "marks nothing to repaint"),
+        ({"image": img, "strength": 0}, 422, "strength"),
+        ({"image": img, "strength": 1.5}, 422, "strength"),
+        ({"image": img, "strength": 0.005, "steps": 20}, 422, "steps: at most 5 for strength 0.005"),
+        ({"image": img, "n": 99}, 422, "n: must be at most 8"),
+        ({"image": img, "preview_every": 5}, 422, "previews come through a job"),
+        ({"image": img, "bogus": 1}, 422, "bogus"),
+    ]
+    for body, status, message in cases:
+        r = httpx.post(url + "/v1/edits", json=body, timeout=60)
+        assert r.status_code == status and message in r.json()["detail"], (body.keys(), r.status_code, r.text)
+    big = Image.new("RGB", (4097, 4097))
+    import io
+
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    r = httpx.post(url + "/v1/edits", files={"image": ("big.png", buf.getvalue(), "image/png")}, timeout=60)
+    assert r.status_code == 413 and "4096x4096" in r.json()["detail"]
+    r = httpx.post(url + "/v1/edits", content=b"x" * 100, headers={"content-type": "text/plain"}, timeout=60)
+    assert r.status_code == 422 and "multipart/form-data" in r.json()["detail"]
+    r = httpx.post(url + "/v1/edits", data={"n": "1"}, files={"mask": ("m.png", _png(mask), "image/png")},
+                   timeout=60)
+    assert r.status_code == 422 and "image: required" in r.json()["detail"]
+    r = httpx.post(url + "/generate", content=b'{"n": 1, "pad": "' + b"x" * 5000 + b'"}',
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413  # the upload limit is for /v1/edits only
+
+
+def test_interpolations_route_returns_the_path_between_two_seeds(served):
+    import httpx
+
+    from service_helpers import decode_png
+
+    url, _ = served
+    r = httpx.post(url + "/v1/interpolations", json={"seed_a": 3, "seed_b": 11, "frames": 5, "steps": 20},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    frames = [decode_png(f["png"])[0] for f in r.json()["frames"]]
+    assert len(frames) == 5
+    ends = [httpx.post(url + "/generate", json={"n": 1, "seed": s, "sampler": "ddim", "steps": 20},
+                       timeout=120).json()["images"][0]["png"] for s in (3, 11)]
+    assert np.array_equal(frames[0], decode_png(ends[0])[0]) and np.array_equal(frames[-1], decode_png(ends[1])[0])
+    strip = httpx.post(url + "/v1/interpolations", json={"seed_a": 3, "seed_b": 11, "frames": 5, "steps": 20},
+                       headers={"Accept": "image/png"}, timeout=120)
+    assert strip.headers["content-type"] == "image/png" and Image.open(__import__("io").BytesIO(strip.content)).size[0] > 40
+    for bad in ({"seed_a": 1, "seed_b": 2, "frames": 1}, {"seed_a": 1, "seed_b": 2, "frames": 17},
+                {"seed_a": -1, "seed_b": 2}):
+        assert httpx.post(url + "/v1/interpolations", json=bad, timeout=30).status_code == 422
