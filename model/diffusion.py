@@ -157,24 +157,42 @@ class Diffusion:
             ts[k] = min(max(ts[k], ts[k + 1] + 1), t_max - k)
         return torch.tensor(ts)
 
-    def coefficients(self, sampler: str, steps: int, t_max: int | None = None) -> torch.Tensor:
-        """A (steps, 7) float64 table: timestep, then a, b, c, d, e, f for each step (see module docstring),
-        over the chain from t_max (default T-1) down to 0."""
-        key = (sampler, steps, self.T - 1 if t_max is None else t_max)
+    def coefficients(self, sampler: str, steps: int, t_max: int | None = None, jumps: tuple[int, int] = (1, 1)
+                     ) -> torch.Tensor:
+        """A (rows, 7) float64 table: timestep, then a, b, c, d, e, f for each step (see module docstring), over
+        the chain from t_max (default T-1) down to 0. rows = steps, or more with RePaint's jumps (below)."""
+        return self._schedule(sampler, steps, t_max, jumps)[0]
+
+    def landing(self, sampler: str, steps: int, t_max: int | None = None, jumps: tuple[int, int] = (1, 1)
+                ) -> torch.Tensor:
+        """A (rows, 2) float64 table: (sqrt(alphabar), sqrt(1 - alphabar)) of the timestep each step lands on
+        ((1, 0) on x_0, after the last): what RePaint needs to noise the known pixels to the level of the new x."""
+        return self._schedule(sampler, steps, t_max, jumps)[1]
+
+    def _schedule(self, sampler: str, steps: int, t_max: int | None, jumps: tuple[int, int]):
+        key = (sampler, steps, self.T - 1 if t_max is None else t_max, tuple(jumps))
         if key not in self._tables:
             if sampler not in SAMPLERS:
                 raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
             spacing = "logsnr" if sampler == "dpm-solver++" else "uniform"
-            self._tables[key] = _build_table(sampler, self.timesteps(steps, spacing, t_max), self.alphas_cumprod,
-                                             self.config.prediction)
+            taus = self.timesteps(steps, spacing, t_max)
+            table = _build_table(sampler, taus, self.alphas_cumprod, self.config.prediction)
+            ab = torch.cat([self.alphas_cumprod[taus], torch.ones(1, dtype=torch.float64)])  # position K: x_0
+            path = repaint_path(len(taus), *jumps)
+            if len(path) > len(taus) + 1 and sampler not in STOCHASTIC:
+                raise ValueError("RePaint's jumps need a stochastic sampler (ddpm or ddpm-posterior)")
+            rows, land = [], []
+            for p, q in zip(path[:-1], path[1:]):
+                if q == p + 1:  # down: the sampler's own step from position p
+                    rows.append(table[p])
+                else:  # up: one forward step, x_q = sqrt(ab_q / ab_p) x_p + sqrt(1 - ab_q / ab_p) z
+                    ratio = float(ab[q] / ab[p])
+                    t, e, f = table[p, 0], table[p, 5], table[p, 6]  # the x0 estimate at p, for previews
+                    rows.append(torch.tensor([t, math.sqrt(ratio), 0.0, math.sqrt(1 - ratio), 0.0, e, f],
+                                             dtype=torch.float64))
+                land.append(torch.stack([ab[q].sqrt(), (1 - ab[q]).sqrt()]))
+            self._tables[key] = (torch.stack(rows), torch.stack(land))
         return self._tables[key]
-
-    def landing(self, sampler: str, steps: int, t_max: int | None = None) -> torch.Tensor:
-        """A (steps, 2) float64 table: (sqrt(alphabar), sqrt(1 - alphabar)) of the timestep each step lands on
-        ((1, 0) after the last): what RePaint needs to noise the known pixels to the level of the new x."""
-        t = self.coefficients(sampler, steps, t_max)[:, 0].long()
-        ab = torch.cat([self.alphas_cumprod[t[1:]], torch.ones(1, dtype=torch.float64)])
-        return torch.stack([ab.sqrt(), (1 - ab).sqrt()], 1)
 
     def t_max_for_strength(self, strength: float) -> int:
         """SDEdit (Meng et al. 2021): strength s in (0, 1] starts the chain at t = round(s * T) - 1 (s = 1: T-1,
@@ -182,6 +200,25 @@ class Diffusion:
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         return max(0, round(strength * self.T) - 1)
+
+
+def repaint_path(K: int, jump_length: int = 1, jump_n_sample: int = 1) -> list[int]:
+    """Positions 0..K along a chain of K steps (K: x_0), with RePaint's resampling (Lugmayr et al. 2022, their
+    get_schedule_jump): on reaching a position that is a multiple of jump_length (before x_0), go back up
+    jump_length positions one forward step at a time and come down again, jump_n_sample - 1 times. (1, 1): none."""
+    if jump_length < 1 or jump_n_sample < 1:
+        raise ValueError(f"jump_length and jump_n_sample must be at least 1, got {jump_length}, {jump_n_sample}")
+    left = {p: jump_n_sample - 1 for p in range(jump_length, K, jump_length)} if jump_length > 1 else {}
+    path, p = [0], 0
+    while p < K:
+        p += 1
+        path.append(p)
+        if left.get(p, 0) > 0:
+            left[p] -= 1
+            for _ in range(jump_length):
+                p -= 1
+                path.append(p)
+    return path
 
 
 def _build_table(sampler: str, taus: torch.Tensor, alphas_cumprod: torch.Tensor, prediction: str = "eps"

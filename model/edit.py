@@ -6,8 +6,9 @@
 
 SDEdit (Meng et al. 2021): the face is noised to t = strength * T with q_sample and denoised from there; low
 strength keeps the face, 1 makes a new one. RePaint (Lugmayr et al. 2022): after every reverse step the known
-pixels (mask black) are replaced by the original noised to the step's level; the white ones are drawn. Without
-resampling jumps (not built). Interpolation (Song et al. 2021, DDIM): x_T of frame j is the spherical
+pixels (mask black) are replaced by the original noised to the step's level; the white ones are drawn; with
+--jump-length L --jump-n-sample N, every L-th step goes back up L steps and down again, N - 1 times (RePaint's
+resampling, which harmonises the drawn region with the known one at N times the cost). Interpolation (Song et al. 2021, DDIM): x_T of frame j is the spherical
 interpolation of the two seeds' x_T, sampled with deterministic DDIM so the path is smooth.
 
 Photos are framed like the training data (the CelebA box for 178x218 photos, a centre square otherwise) and
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask", help="inpainting: white = repaint, black = keep; the image's size")
     p.add_argument("--strength", type=float, default=None,
                    help="image-to-image: 0 < s <= 1 (default 0.5; with --mask: 1, from pure noise)")
+    p.add_argument("--jump-length", type=int, default=1, help="inpainting: RePaint's resampling jump (1: none)")
+    p.add_argument("--jump-n-sample", type=int, default=1, help="inpainting: RePaint's resamplings per jump")
     p.add_argument("--frames", type=int, default=8, help="interpolation frames, 2..16")
     p.add_argument("--n", type=int, default=1, help="edits of the image, seeds seed..seed+n-1")
     p.add_argument("--seed", type=int, default=0)
@@ -137,13 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             image = load_photo(a.image, size)
             keep = load_mask(a.mask, a.image, size) if a.mask else None
-            specs = [SampleSpec(a.seed + i, sampler, steps, t_max=t_max) for i in range(a.n)]
+            jumps = (a.jump_length, a.jump_n_sample)
+            if jumps != (1, 1) and not a.mask:
+                raise EditError("--jump-length/--jump-n-sample are RePaint's: they need --mask")
+            specs = [SampleSpec(a.seed + i, sampler, steps, t_max=t_max, jumps=jumps) for i in range(a.n)]
+            w.diffusion.coefficients(sampler, steps, t_max, jumps)  # validates the jumps for the sampler
             edits = [Edit(image=image, keep=keep) for _ in specs]
     except (WeightsError, EditError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     engine = SamplerEngine(w.unet, w.diffusion, device, pick_dtype(a.dtype, device))
-    with tqdm(total=len(specs) * steps, unit="img-step", desc=f"{sampler} x{steps}") as bar:
+    rows = len(w.diffusion.coefficients(sampler, steps, specs[0].t_max, specs[0].jumps))
+    with tqdm(total=len(specs) * rows, unit="img-step", desc=f"{sampler} x{rows}") as bar:
         images = run(engine, specs, edits, bar)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ class SampleSpec:
     steps: int = 1000
     preview_every: int = 0  # > 0: report the x0 estimate after every k-th step (and after the last)
     t_max: int | None = None  # the chain's first timestep (default T-1); lower: SDEdit from a given image
+    jumps: tuple[int, int] = (1, 1)  # RePaint's (jump_length, jump_n_sample); (1, 1): none
 
 
 @dataclass
@@ -57,7 +58,7 @@ class _Row:
     group: Hashable
     index: int
     sampler: str
-    steps: int
+    steps: int  # rows of its coefficient table: the sampler's steps, and RePaint's forward steps if it jumps
     preview_every: int = 0
     masked: bool = False  # carries known pixels (RePaint)
     pos: int = 0
@@ -122,12 +123,13 @@ class SamplerEngine:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def _table_offset(self, sampler: str, steps: int, t_max: int | None = None) -> int:
-        key = (sampler, steps, t_max)
+    def _table_offset(self, spec: SampleSpec) -> tuple[int, int]:
+        """(offset of the spec's coefficient table in the engine's, its number of rows)."""
+        key = (spec.sampler, spec.steps, spec.t_max, tuple(spec.jumps))
         if key not in self._table_offsets:
-            table = self.diffusion.coefficients(sampler, steps, t_max).to(self.device, torch.float32)
-            landing = self.diffusion.landing(sampler, steps, t_max).to(self.device, torch.float32)
-            self._table_offsets[key] = self._table.shape[0]
+            table = self.diffusion.coefficients(*key).to(self.device, torch.float32)
+            landing = self.diffusion.landing(*key).to(self.device, torch.float32)
+            self._table_offsets[key] = (self._table.shape[0], table.shape[0])
             self._table = torch.cat([self._table, table])
             self._landing = torch.cat([self._landing, landing])
         return self._table_offsets[key]
@@ -145,7 +147,8 @@ class SamplerEngine:
         for s in specs:
             if not 0 <= s.seed < 2**63:
                 raise ValueError(f"seed must be in [0, 2^63), got {s.seed}")
-        offsets = [self._table_offset(s.sampler, s.steps, s.t_max) for s in specs]
+        tables = [self._table_offset(s) for s in specs]
+        offsets = [o for o, _ in tables]
         seeds = self._to_device([s.seed for s in specs])
         zero = torch.zeros(len(specs), dtype=torch.int64, device=self.device)
         x_T = gaussian(seeds, zero, self.shape)  # noise index 0 (model/noise.py)
@@ -171,9 +174,9 @@ class SamplerEngine:
         # commit (nothing below can fail)
         self.x, self.x0_prev, self.seeds, self.pos, self.offset = x, x0_prev, seeds, pos, offset
         self.known, self.keep = known, keep
-        self.rows += [_Row(group, first_index + i, s.sampler, s.steps, s.preview_every,
+        self.rows += [_Row(group, first_index + i, s.sampler, length, s.preview_every,
                            masked=e is not None and e.keep is not None)
-                      for i, (s, e) in enumerate(zip(specs, edits))]
+                      for i, (s, e, (_, length)) in enumerate(zip(specs, edits, tables))]
         self._count_kinds()
         self._z = None  # refilled for all rows at the next step
 

@@ -20,7 +20,7 @@ from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 from pydantic import ValidationError
 
-from model.diffusion import STOCHASTIC
+from model.diffusion import STOCHASTIC, repaint_path
 from model.edit import MAX_PIXELS, interpolation_starts, to_model
 from model.images import frame, frame_box, grid, png_bytes
 
@@ -169,9 +169,17 @@ def edits_router(auth) -> APIRouter:
         if steps > chain:
             raise Invalid(f"steps: at most {chain} for strength {strength} (the chain from t = {t_max} to 0"
                           + (f", and MAX_STEPS {max_steps(rt)})" if chain < t_max + 1 else ")"))
+        jumps = (body.jump_length, body.jump_n_sample)
+        if jumps != (1, 1) and (keep is None or body.sampler not in STOCHASTIC):
+            raise Invalid("jump_length, jump_n_sample: RePaint's resampling is for inpainting (a mask) with a "
+                          "stochastic sampler (ddpm, ddpm-posterior)")
+        transitions = len(repaint_path(steps, *jumps)) - 1  # the engine steps each image takes
+        if transitions > 20 * max_steps(rt):
+            raise Invalid(f"jump_length, jump_n_sample: {transitions} steps per image, over the {20 * max_steps(rt)} "
+                          "allowed")
         timeout = body.deadline_s or rt.settings.request_timeout_s
-        job = Job(seed, body.n, body.sampler, steps, deadline=time.monotonic() + timeout if timeout else None,
-                  preview_every=body.preview_every, t_max=t_max, image=x0, keep=keep)
+        job = Job(seed, body.n, body.sampler, transitions, deadline=time.monotonic() + timeout if timeout else None,
+                  preview_every=body.preview_every, t_max=t_max, image=x0, keep=keep, jumps=jumps, chain_steps=steps)
         client = request.client.host if request.client else None
         if body.job:
             record = submit(rt, job, owner, kind="job", client=client)

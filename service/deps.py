@@ -126,7 +126,7 @@ async def wait_or_disconnect(request: Request, rt: Runtime, job: Job) -> np.ndar
 
 
 def _provenance(rt: Runtime, job: Job, seed: int) -> dict:
-    return provenance(seed, job.sampler, job.steps, rt.weights.sha256, rt.weights.name)
+    return provenance(seed, job.sampler, job.chain_steps or job.steps, rt.weights.sha256, rt.weights.name)
 
 
 def encode_pngs(rt: Runtime, job: Job, images: np.ndarray) -> list[bytes]:

@@ -71,6 +71,8 @@ class Job:
     image: torch.Tensor | None = None  # an edit's input (3xHxW in [-1, 1]): start and/or known pixels
     keep: torch.Tensor | None = None  # 1xHxW bool, True where the input's pixels are kept (inpainting)
     x_starts: list[torch.Tensor] | None = None  # per image, the exact x to start from (interpolation)
+    jumps: tuple[int, int] = (1, 1)  # RePaint's resampling; then `steps` counts its forward steps too ...
+    chain_steps: int | None = None  # ... and this is the sampler's own step count
     id: int = field(default_factory=itertools.count().__next__)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     state: str = "queued"
@@ -88,8 +90,8 @@ class Job:
         self.steps_done = [0] * self.n
 
     def specs(self, start: int, count: int) -> list[SampleSpec]:
-        return [SampleSpec(self.seed + i, self.sampler, self.steps, self.preview_every, self.t_max)
-                for i in range(start, start + count)]
+        return [SampleSpec(self.seed + i, self.sampler, self.chain_steps or self.steps, self.preview_every, self.t_max,
+                           self.jumps) for i in range(start, start + count)]
 
     def edits(self, start: int, count: int) -> list[Edit | None] | None:
         if self.x_starts is not None:

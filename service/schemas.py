@@ -14,7 +14,8 @@ from model.diffusion import SAMPLERS
 MAX_SEED = 2**53 - 1
 
 
-INT_FIELDS = {"n", "seed", "steps", "preview_every", "partial_images", "seed_a", "seed_b", "frames"}
+INT_FIELDS = {"n", "seed", "steps", "preview_every", "partial_images", "seed_a", "seed_b", "frames",
+              "jump_length", "jump_n_sample"}
 
 
 class _Request(BaseModel):
@@ -214,6 +215,10 @@ class EditRequest(GenerateRequest):
         None, description="image-to-image: how far to move from the photo, 0 < s <= 1 (default 0.5; with a mask 1)")
     steps: Optional[StrictInt] = Field(None, ge=1, le=1000, description="denoising steps (default: every step of "
                                        "the chain for ddpm and ddpm-posterior, 50 otherwise)")
+    jump_length: StrictInt = Field(1, ge=1, le=100, description="inpainting: RePaint's resampling, go back up this "
+                                   "many steps ... (1: no resampling)")
+    jump_n_sample: StrictInt = Field(1, ge=1, le=20, description="... this many times in all at every jump_length-th "
+                                     "step (RePaint's 10 and 10 cost about 10x the steps)")
     job: StrictBool = Field(False, description="true: answer 202 at once with a job handle (/v1/jobs/{id}: events, "
                             "previews, images, cancel) instead of the images")
     preview_every: StrictInt = Field(0, ge=0, le=1000, description="with `job`: previews every k-th step")

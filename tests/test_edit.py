@@ -324,3 +324,52 @@ def test_interpolations_route_returns_the_path_between_two_seeds(served):
     for bad in ({"seed_a": 1, "seed_b": 2, "frames": 1}, {"seed_a": 1, "seed_b": 2, "frames": 17},
                 {"seed_a": -1, "seed_b": 2}):
         assert httpx.post(url + "/v1/interpolations", json=bad, timeout=30).status_code == 422
+
+
+def test_repaint_jumps_go_back_up_and_keep_the_known_pixels():
+    from model.diffusion import repaint_path
+
+    assert repaint_path(6) == list(range(7))
+    path = repaint_path(6, 2, 3)
+    assert path == [0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 3, 4, 3, 2, 3, 4, 3, 2, 3, 4, 5, 6]
+    assert all(abs(q - p) == 1 for p, q in zip(path, path[1:]))
+    d = Diffusion()
+    plain, jumped = d.coefficients("ddpm", 50), d.coefficients("ddpm", 50, jumps=(5, 3))
+    assert torch.equal(d.coefficients("ddpm", 50, jumps=(1, 1)), plain) and len(jumped) == len(repaint_path(50, 5, 3)) - 1
+    up = jumped[:, 2] == 0  # forward steps: no network term, x_q = a x_p + c z with a^2 + c^2 = 1 (variance kept)
+    assert up.sum() == 9 * 2 * 5 and torch.allclose(jumped[up, 1] ** 2 + jumped[up, 3] ** 2,
+                                                             torch.ones(int(up.sum()), dtype=torch.float64))
+    with pytest.raises(ValueError, match="stochastic sampler"):
+        d.coefficients("ddim", 20, jumps=(5, 2))
+    engine = tiny_engine()
+    image = torch.linspace(-1, 1, 192).view(3, 8, 8)
+    keep = torch.ones(1, 8, 8, dtype=torch.bool)
+    keep[:, 2:6, 2:6] = False
+    engine.add("j", [SampleSpec(3, "ddpm", 50, jumps=(5, 3))], edits=[Edit(image=image, keep=keep)])
+    steps, got = 0, None
+    while len(engine):
+        out = engine.step()
+        steps += 1
+        got = out.finished[0][2] if out.finished else got
+    assert steps == len(jumped)
+    assert np.abs(got.astype(int) - u8(image).astype(int))[keep[0].numpy()].max() <= 1
+
+
+def test_edits_route_takes_repaint_jumps_as_a_job(served):
+    import base64
+
+    import httpx
+
+    url, _ = served
+    photo, mask = _photo_and_mask()
+    body = {"image": base64.b64encode(_png(photo)).decode(), "mask": base64.b64encode(_png(mask)).decode(),
+            "steps": 20, "jump_length": 5, "jump_n_sample": 2, "job": True}
+    r = httpx.post(url + "/v1/edits", json=body, timeout=60)
+    assert r.status_code == 202, r.text
+    from test_jobs import events
+
+    assert [k for k, _ in events(url, r.json()["id"])][-1] == "completed"
+    info = httpx.get(f"{url}/v1/jobs/{r.json()['id']}").json()
+    assert info["steps"] == 20 + 2 * 5 * 3 and info["step"] == info["total_steps"]  # 3 jumps of 5 up and down
+    bad = httpx.post(url + "/v1/edits", json={**body, "mask": None, "job": False}, timeout=60)
+    assert bad.status_code == 422 and "for inpainting" in bad.json()["detail"]
