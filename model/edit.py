@@ -31,7 +31,7 @@ from .device import pick_device, pick_dtype
 from .diffusion import SAMPLERS, STOCHASTIC
 from .engine import Edit, SampleSpec, SamplerEngine
 from .images import frame, grid, png_bytes
-from .noise import gaussian, slerp
+from .noise import gaussian, image_seeds, slerp
 from .weights import WeightsError, default_weights, load_weights
 
 MAX_PIXELS = 4096 * 4096  # larger images are refused from their header, before decoding (decompression bombs)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             jumps = (a.jump_length, a.jump_n_sample)
             if jumps != (1, 1) and not a.mask:
                 raise EditError("--jump-length/--jump-n-sample are RePaint's: they need --mask")
-            specs = [SampleSpec(a.seed + i, sampler, steps, t_max=t_max, jumps=jumps) for i in range(a.n)]
+            specs = [SampleSpec(s, sampler, steps, t_max=t_max, jumps=jumps) for s in image_seeds(a.seed, a.n)]
             w.diffusion.coefficients(sampler, steps, t_max, jumps)  # validates the jumps for the sampler
             edits = [Edit(image=image, keep=keep) for _ in specs]
     except (WeightsError, EditError, ValueError) as e:

@@ -24,7 +24,7 @@ import torch
 
 from .device import memory_allocated, pick_memory_format, release_cached_memory
 from .diffusion import MULTISTEP, STOCHASTIC, Diffusion
-from .noise import KNOWN_NOISE_BASE, gaussian
+from .noise import KNOWN_NOISE_BASE, SEED_LIMIT, gaussian
 from .runner import ModelRunner
 from .unet import UNet
 
@@ -145,7 +145,7 @@ class SamplerEngine:
         if len(edits) != len(specs):
             raise ValueError(f"{len(edits)} edits for {len(specs)} samples")
         for s in specs:
-            if not 0 <= s.seed < 2**63:
+            if not 0 <= s.seed < SEED_LIMIT:
                 raise ValueError(f"seed must be in [0, 2^63), got {s.seed}")
         tables = [self._table_offset(s) for s in specs]
         offsets = [o for o, _ in tables]

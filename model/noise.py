@@ -15,6 +15,17 @@ import math
 import torch
 
 _MASK32 = 0xFFFFFFFF
+SEED_LIMIT = 2**63  # seeds are in [0, 2^63): Philox's 64-bit key, held as an int64
+
+
+def image_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of a request's n images: image i uses seed + i (the one rule for the CLIs, the service and the
+    engine), all in [0, SEED_LIMIT)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if not 0 <= seed or seed + n - 1 >= SEED_LIMIT:
+        raise ValueError(f"seeds seed..seed+n-1 must lie in [0, 2^63), got {seed}..{seed + n - 1}")
+    return [seed + i for i in range(n)]
 KNOWN_NOISE_BASE = 1 << 31  # noise indices of RePaint's known-pixel noise, apart from the chain's own
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments

@@ -20,6 +20,7 @@ from .diffusion import SAMPLERS
 from .device import pick_device, pick_dtype
 from .engine import SamplerEngine, generate
 from .images import grid, png_bytes, provenance
+from .noise import image_seeds
 from .weights import WeightsError, default_weights, load_weights
 
 
@@ -40,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.n < 1:
         p.error("--n must be at least 1")
-    if not 0 <= a.seed or a.seed + a.n - 1 >= 2**63:
-        p.error("seeds seed..seed+n-1 must lie in [0, 2^63)")
+    try:
+        seeds = image_seeds(a.seed, a.n)
+    except ValueError as e:
+        p.error(str(e))
     try:
         device = pick_device(a.device)
         dtype = pick_dtype(a.dtype, device)
@@ -53,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     if not steps_ok:
         p.error(f"--steps must be in [1, {w.diffusion.T}]")
     engine = SamplerEngine(w.unet, w.diffusion, device, dtype)
-    seeds = list(range(a.seed, a.seed + a.n))
     with tqdm(total=a.n * a.steps, unit="img-step", desc=f"{a.sampler} x{a.steps}") as bar:
         images = generate(engine, seeds, a.sampler, a.steps, a.batch_size, progress=bar)
     out = Path(a.out)

@@ -31,6 +31,7 @@ import torch
 
 from model.device import StepTimer, is_device_fault
 from model.engine import Edit, SampleSpec, SamplerEngine
+from model.noise import image_seeds
 
 from .memory import HeapTrimmer
 from .metrics import Metrics
@@ -90,8 +91,8 @@ class Job:
         self.steps_done = [0] * self.n
 
     def specs(self, start: int, count: int) -> list[SampleSpec]:
-        return [SampleSpec(self.seed + i, self.sampler, self.chain_steps or self.steps, self.preview_every, self.t_max,
-                           self.jumps) for i in range(start, start + count)]
+        return [SampleSpec(seed, self.sampler, self.chain_steps or self.steps, self.preview_every, self.t_max,
+                           self.jumps) for seed in image_seeds(self.seed, self.n)[start:start + count]]
 
     def edits(self, start: int, count: int) -> list[Edit | None] | None:
         if self.x_starts is not None:

@@ -7,11 +7,12 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from model.diffusion import SAMPLERS
+from model.noise import SEED_LIMIT
 
 # The engine takes seeds up to 2^63 - 1 (python -m model.sample does). Over HTTP a seed is a JSON number, and
 # JavaScript clients (the page, browsers' JSON viewers) and most validators read those as doubles: exact only up to
 # 2^53 - 1. So requests take, and random seeds are drawn, in [0, 2^53 - 1]; image i of a request uses seed + i.
-MAX_SEED = 2**53 - 1
+MAX_SEED = min(2**53, SEED_LIMIT) - 1  # model/noise.py's seed rules, within JSON's exact integers
 
 
 INT_FIELDS = {"n", "seed", "steps", "preview_every", "partial_images", "seed_a", "seed_b", "frames",

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         "thread; on CUDA graphs captured per batch-size bucket")
     cache_dir: Path | None = Field(None, description="where the ONNX export of the U-Net is cached (default: "
                                    "$XDG_CACHE_HOME/celeba-ddpm or ~/.cache/celeba-ddpm)")
-    malloc_trim_s: float = Field(0.0, ge=0, description="give freed heap memory back to the OS (glibc's "
+    malloc_trim_s: float = Field(10.0, ge=0, description="give freed heap memory back to the OS (glibc's "
                                  "malloc_trim) at most this often, in seconds, between steps; 0: never "
                                  "(docs/reliability.md)")
     warmup: bool = Field(True, description="one step at every batch size before reporting ready")

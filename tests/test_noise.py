@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from model.noise import gaussian, philox4x32
@@ -50,3 +51,13 @@ def test_row_depends_only_on_its_seed_and_index():
     big_seed = gaussian(torch.tensor([2**63 - 1]), torch.tensor([7]), (3, 8, 8))
     assert torch.equal(big_seed[0], batch[2])
     assert torch.isfinite(batch).all()
+
+
+def test_image_seeds_is_the_one_rule_for_a_requests_images():
+    from model.noise import SEED_LIMIT, image_seeds
+
+    assert image_seeds(7, 3) == [7, 8, 9]
+    assert image_seeds(SEED_LIMIT - 2, 2) == [SEED_LIMIT - 2, SEED_LIMIT - 1]
+    for seed, n in ((-1, 1), (SEED_LIMIT - 1, 2), (0, 0)):
+        with pytest.raises(ValueError):
+            image_seeds(seed, n)

@@ -56,8 +56,8 @@ def test_batch_never_exceeds_the_limit_and_large_requests_go_in_parts_fifo(unet)
     sizes, adds = [], []
     real_step, real_add = engine.step, engine.add
     engine.step = lambda: (sizes.append(len(engine)), real_step())[1]
-    engine.add = lambda group, specs, first_index=0: (adds.append((group, first_index, len(list(specs)))),
-                                                      real_add(group, specs, first_index))[1]
+    engine.add = lambda group, specs, first_index=0, edits=None: (
+        adds.append((group, first_index, len(list(specs)))), real_add(group, specs, first_index, edits))[1]
     a, b, c = job(n=5, steps=4, sampler="ddim"), job(n=2, steps=3, sampler="ddim"), job(n=1, steps=2, sampler="ddim")
     for j in (a, b, c):
         s.submit(j)
@@ -314,3 +314,24 @@ def test_queued_samples_counts_what_is_not_yet_in_the_batch(unet):
     s.cancel(b, JobError("disconnect", "gone"))
     wait_for(lambda: gauge("active") == 0)
     s.stop()
+
+
+def test_the_worker_gives_freed_heap_back_between_steps_and_when_idle(unet):
+    from service.memory import HeapTrimmer
+
+    assert not HeapTrimmer(0).enabled  # MALLOC_TRIM_S=0: never
+    s, engine, _ = make(unet)
+    s.heap = HeapTrimmer(0.05)
+    if not s.heap.enabled:
+        pytest.skip("not glibc: malloc_trim does not exist here")
+    s.start()
+    try:
+        j = job(n=2, steps=200, sampler="ddim")
+        s.submit(j)
+        j.future.result(timeout=60)
+        busy = s.heap.trims
+        assert busy >= 1  # trimmed between steps while working
+        time.sleep(1.2)  # idle: the worker wakes every 0.5 s and trims then too
+        assert s.heap.trims > busy
+    finally:
+        s.stop()
