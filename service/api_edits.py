@@ -39,7 +39,9 @@ class TooLarge(Exception):
 def _open(data: bytes, what: str) -> PILImage.Image:
     try:
         img = PILImage.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, PILImage.DecompressionBombError) as e:
+    except PILImage.DecompressionBombError as e:  # Pillow's own limit, far above ours: also too large
+        raise TooLarge(f"{what}: {e}") from e
+    except (UnidentifiedImageError, OSError) as e:
         raise Invalid(f"{what}: not an image this service reads (JPEG, PNG, WebP, BMP): {e}") from e
     if img.width * img.height > MAX_PIXELS:
         raise TooLarge(f"{what}: {img.width}x{img.height} is over the {MAX_PIXELS} pixels accepted (4096x4096)")
@@ -60,9 +62,7 @@ def prepare(image: bytes, mask: bytes | None, size: int) -> tuple[torch.Tensor, 
             if keep.all():
                 raise Invalid("mask: it marks nothing to repaint (white = repaint, black = keep)")
             keep = torch.from_numpy(keep)[None]
-    except (OSError, ValueError, PILImage.DecompressionBombError) as e:  # truncated or corrupt pixel data
-        if isinstance(e, Invalid):
-            raise
+    except (OSError, ValueError) as e:  # truncated or corrupt pixel data, found while decoding
         raise Invalid(f"image: cannot decode it: {e}") from e
     box = frame_box(img.width, img.height, "auto")
     kind = "the CelebA face box" if abs(img.width / img.height - 178 / 218) < 0.02 else "the centre square"

@@ -283,6 +283,7 @@ def test_edits_refuse_bad_input_with_a_clear_4xx(served):
         ({"image": img, "n": 99}, 422, "n: must be at most 8"),
         ({"image": img, "preview_every": 5}, 422, "previews come through a job"),
         ({"image": img, "bogus": 1}, 422, "bogus"),
+        ({"image": base64.b64encode(_png(photo)[:300]).decode()}, 422, "image: "),  # truncated
     ]
     for body, status, message in cases:
         r = httpx.post(url + "/v1/edits", json=body, timeout=60)
