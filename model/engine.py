@@ -98,7 +98,7 @@ class SamplerEngine:
         self.noise_chunk_elems = noise_chunk_elems
         self._table = torch.zeros(0, 7, dtype=torch.float32, device=self.device)
         self._landing = torch.zeros(0, 2, dtype=torch.float32, device=self.device)  # RePaint's noise levels
-        self._table_offsets: dict[tuple[str, int, int | None], int] = {}
+        self._table_offsets: dict[tuple, tuple[int, int]] = {}  # (sampler, steps, t_max, jumps) -> (offset, rows)
         self.rows: list[_Row] = []
         self._stochastic = 0  # rows whose sampler adds noise (counted on the host: step() never syncs to ask)
         self._multistep = 0  # rows that need the previous x0 estimate
