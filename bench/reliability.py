@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=int, default=300, help="seconds per run")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--weights", default="weights/celeba32-cpu.safetensors")
+    p.add_argument("--settle", type=float, default=12.0,
+                   help="seconds idle after each run before the RSS is read (past one MALLOC_TRIM_S period)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     lines = header(f"Reliability under mixed load ({a.users} Locust users, {a.runs} x {a.duration} s)", argv,
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
             solo[shape] = time.perf_counter() - t0
         lines += ["Solo latency per shape (alone on the service): " +
                   ", ".join(f"{k} {v:.2f} s" for k, v in solo.items()) + ".", ""]
+        time.sleep(a.settle)
         rss = [rss_mb(proc.pid)]
         lines += ["| run | requests | images/s | goodput | 503s (with Retry-After) | p50 / p90 / p99 s, short | "
                   "p50 / p90 / p99 s, ddpm-1000 | images received | images metric | left queued/active |",
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
                 lat = [r["latency_s"] for r in ok if r["shape"] == shape]
                 return " / ".join(f"{np.percentile(lat, q):.2f}" for q in (50, 90, 99)) if lat else "-"
 
+            time.sleep(a.settle)  # idle, so the service's periodic malloc_trim has run (MALLOC_TRIM_S)
             rss.append(rss_mb(proc.pid))
             lines.append(f"| {run + 1} | {len(recs)} | {made / wall:.2f} | {len(good)}/{len(graded)} "
                          f"({100 * len(good) / max(1, len(graded)):.0f}%) | {len(s503)} "
