@@ -84,6 +84,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     af, bf = a.double().flatten(), b.double().flatten()
     omega = torch.arccos((af @ bf / (af.norm() * bf.norm())).clamp(-1, 1))
     so = torch.sin(omega)
+    if so < 1e-6:  # the same (or opposite) direction, e.g. seed_a == seed_b: the straight line is the path
+        return ((1 - w) * a.double() + w * b.double()).to(a.dtype)
     out = (torch.sin((1 - w) * omega) / so) * a.double() + (torch.sin(w * omega) / so) * b.double()
     return out.to(a.dtype)
 

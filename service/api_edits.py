@@ -208,15 +208,14 @@ def edits_router(auth) -> APIRouter:
                              "gives for the two seeds with sampler ddim and these steps.")
     async def interpolations(body: InterpolationRequest, request: Request, rt: Runtime = Depends(runtime),
                              owner: str | None = Depends(auth)):
-        if body.steps > max_steps(rt):
+        steps = body.steps if "steps" in body.model_fields_set else min(50, max_steps(rt))
+        if steps > max_steps(rt):
             raise Invalid(f"steps: must be at most {max_steps(rt)}")
-        if max(body.seed_a, body.seed_b) > max_seed(rt):
-            raise Invalid(f"seed_a, seed_b: must be at most {max_seed(rt)}")
         cfg = rt.weights.unet.config
         starts = interpolation_starts(body.seed_a, body.seed_b, body.frames,
                                       (cfg.in_channels, cfg.image_size, cfg.image_size))
         timeout = rt.settings.request_timeout_s
-        job = Job(body.seed_a, body.frames, "ddim", body.steps, x_starts=starts,
+        job = Job(body.seed_a, body.frames, "ddim", steps, x_starts=starts,
                   deadline=time.monotonic() + timeout if timeout else None)
         submit(rt, job, owner, kind="request", client=request.client.host if request.client else None)
         frames = await wait_or_disconnect(request, rt, job)
@@ -225,7 +224,7 @@ def edits_router(auth) -> APIRouter:
 
         def encode() -> list[bytes]:
             return [png_bytes(f, {"seed_a": str(body.seed_a), "seed_b": str(body.seed_b), "frame": str(j),
-                                  "frames": str(body.frames), "sampler": "ddim", "steps": str(body.steps),
+                                  "frames": str(body.frames), "sampler": "ddim", "steps": str(steps),
                                   "weights_sha256": rt.weights.sha256, "model": rt.weights.name})
                     for j, f in enumerate(frames)]
 
@@ -234,7 +233,7 @@ def edits_router(auth) -> APIRouter:
             return Response(strip, media_type="image/png")
         pngs = await run_in_threadpool(encode)
         return InterpolationResponse(model=rt.weights.name, seed_a=body.seed_a, seed_b=body.seed_b,
-                                     steps=body.steps, frames=[Frame(index=j, png=b64(p)) for j, p in
+                                     steps=steps, frames=[Frame(index=j, png=b64(p)) for j, p in
                                                                enumerate(pngs)], timings=timings)
 
     return router

@@ -214,6 +214,8 @@ def create_app(settings: Settings | None = None, weights: LoadedWeights | None =
                 props["n"]["maximum"] = settings.max_n
                 props["seed"]["anyOf"][0]["maximum"] = MAX_SEED - settings.max_n + 1  # deps.max_seed
                 props["steps"].update(maximum=limit, default=limit)
+            props = doc["components"]["schemas"]["InterpolationRequest"]["properties"]
+            props["steps"].update(maximum=limit, default=min(50, limit))
             rt = holder.get("rt")
             if rt is not None:  # what OpenAI's route accepts for size and model, for this model
                 res = rt.weights.unet.config.image_size

@@ -137,6 +137,8 @@ def test_interpolation_is_a_smooth_path_from_seed_a_to_seed_b():
     assert np.array_equal(frames[0], plain[0]) and np.array_equal(frames[-1], plain[1])
     norms = [x.norm() / starts[0].norm() for x in starts]
     assert all(0.97 < r < 1.03 for r in norms)  # slerp keeps a Gaussian sample's norm (a straight line would not)
+    same = interpolation_starts(5, 5, 4, (3, 32, 32))  # one seed at both ends: every frame is that seed's x_T
+    assert all(torch.isfinite(x).all() and torch.allclose(x, same[0]) for x in same)
 
 
 def _cli(*args, timeout=300):
