@@ -32,6 +32,9 @@ from .schemas import (ERRORS, EditRequest, EditResponse, Frame, Image, Interpola
                       JobInfo, Timings)
 
 
+FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}  # what Pillow reads that a photo or a mask should come as
+
+
 class TooLarge(Exception):
     """An upload over the pixel limit (413)."""
 
@@ -43,6 +46,8 @@ def _open(data: bytes, what: str) -> PILImage.Image:
         raise TooLarge(f"{what}: {e}") from e
     except (UnidentifiedImageError, OSError) as e:
         raise Invalid(f"{what}: not an image this service reads (JPEG, PNG, WebP, BMP): {e}") from e
+    if img.format not in FORMATS:
+        raise Invalid(f"{what}: {img.format} is not a format this service takes (JPEG, PNG, WebP, BMP)")
     if img.width * img.height > MAX_PIXELS:
         raise TooLarge(f"{what}: {img.width}x{img.height} is over the {MAX_PIXELS} pixels accepted (4096x4096)")
     return img

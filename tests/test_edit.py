@@ -205,6 +205,14 @@ def _png(array) -> bytes:
     return buf.getvalue()
 
 
+def _gif(array) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="GIF")
+    return buf.getvalue()
+
+
 def _photo_and_mask():
     rng = np.random.default_rng(1)
     photo = rng.integers(0, 255, (109, 89, 3), dtype=np.uint8)  # CelebA's half-size shape: the face box framing
@@ -286,6 +294,7 @@ def test_edits_refuse_bad_input_with_a_clear_4xx(served):
         ({"image": img, "preview_every": 5}, 422, "previews come through a job"),
         ({"image": img, "bogus": 1}, 422, "bogus"),
         ({"image": base64.b64encode(_png(photo)[:300]).decode()}, 422, "image: "),  # truncated
+        ({"image": base64.b64encode(_gif(photo)).decode()}, 422, "GIF is not a format this service takes"),
     ]
     for body, status, message in cases:
         r = httpx.post(url + "/v1/edits", json=body, timeout=60)
@@ -302,6 +311,9 @@ def test_edits_refuse_bad_input_with_a_clear_4xx(served):
     r = httpx.post(url + "/v1/edits", data={"n": "1"}, files={"mask": ("m.png", _png(mask), "image/png")},
                    timeout=60)
     assert r.status_code == 422 and "image: required" in r.json()["detail"]
+    r = httpx.post(url + "/v1/edits", content=b"0" * (20 * 2**20 + 1), headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and "over 20971520 bytes" in r.json()["detail"]  # MAX_UPLOAD_BYTES
     r = httpx.post(url + "/generate", content=b'{"n": 1, "pad": "' + b"x" * 5000 + b'"}',
                    headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 413  # the upload limit is for /v1/edits only
