@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model.edit import to_model  # noqa: E402
-from model.engine import Edit, SampleSpec, SamplerEngine  # noqa: E402
+from model.engine import Edit, SampleSpec, SamplerEngine, run  # noqa: E402
 from model.weights import load_weights  # noqa: E402
 from train.evaluate import DEFAULT_CACHE, real_features  # noqa: E402
 from train.fid import fid_from_features, inception_features, kid_from_features, load_inception  # noqa: E402
@@ -43,19 +43,11 @@ def centre_mask(size: int) -> np.ndarray:
 
 
 def repaint(w, faces: np.ndarray, hole: np.ndarray, steps: int, batch: int) -> np.ndarray:
-    engine = SamplerEngine(w.unet, w.diffusion)
     keep = torch.from_numpy(~hole)[None]
-    out = np.empty_like(faces)
+    specs = [SampleSpec(i, "ddpm", steps) for i in range(len(faces))]
+    edits = [Edit(image=to_model(f), keep=keep) for f in faces]
     with tqdm(total=len(faces) * steps, desc=f"RePaint ddpm x{steps}", unit="img-step") as bar:
-        for start in range(0, len(faces), batch):
-            chunk = range(start, min(start + batch, len(faces)))
-            engine.add("b", [SampleSpec(i, "ddpm", steps) for i in chunk],
-                       edits=[Edit(image=to_model(faces[i]), keep=keep) for i in chunk], first_index=start)
-            while len(engine):
-                for _, i, img in engine.step().finished:
-                    out[i] = img
-                bar.update(len(chunk))
-    return out
+        return run(SamplerEngine(w.unet, w.diffusion), specs, edits, batch, bar)
 
 
 def telea(faces: np.ndarray, hole: np.ndarray) -> np.ndarray:
@@ -98,8 +90,9 @@ def main() -> int:
     diff = np.abs(ours.astype(int) - faces.astype(int))[:, ~hole]
     known_ok = float((diff <= 1).mean())
     rows = []
-    for name, images in [("RePaint (ours, ddpm x%d)" % a.steps, ours), ("cv2.inpaint Telea, radius 3", telea(faces, hole)),
-                         ("mean colour of the known pixels", mean_fill(faces, hole))]:
+    methods = [(f"RePaint (ours, ddpm x{a.steps})", ours), ("cv2.inpaint Telea, radius 3", telea(faces, hole)),
+               ("mean colour of the known pixels", mean_fill(faces, hole))]
+    for name, images in methods:
         feats = inception_features(images, net, desc=f"inception ({name.split()[0]})")
         kid, kid_std = kid_from_features(feats, real)
         rows.append((name, fid_from_features(feats, real), kid, kid_std))

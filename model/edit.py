@@ -8,8 +8,9 @@ SDEdit (Meng et al. 2021): the face is noised to t = strength * T with q_sample 
 strength keeps the face, 1 makes a new one. RePaint (Lugmayr et al. 2022): after every reverse step the known
 pixels (mask black) are replaced by the original noised to the step's level; the white ones are drawn; with
 --jump-length L --jump-n-sample N, every L-th step goes back up L steps and down again, N - 1 times (RePaint's
-resampling, which harmonises the drawn region with the known one at N times the cost). Interpolation (Song et al. 2021, DDIM): x_T of frame j is the spherical
-interpolation of the two seeds' x_T, sampled with deterministic DDIM so the path is smooth.
+resampling, which harmonises the drawn region with the known one at N times the cost). Interpolation (Song et al.
+2021, DDIM): x_T of frame j is the spherical interpolation of the two seeds' x_T, sampled with deterministic DDIM so
+the path is smooth.
 
 Photos are framed like the training data (the CelebA box for 178x218 photos, a centre square otherwise) and
 resized to the model's resolution; a mask must have the photo's size and is framed the same way. Each row runs on
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from .device import pick_device, pick_dtype
 from .diffusion import SAMPLERS, STOCHASTIC
-from .engine import Edit, SampleSpec, SamplerEngine
+from .engine import Edit, SampleSpec, SamplerEngine, run
 from .images import frame, grid, png_bytes
 from .noise import gaussian, image_seeds, slerp
 from .weights import WeightsError, default_weights, load_weights
@@ -60,6 +61,12 @@ def load_photo(path: str | Path, size: int) -> torch.Tensor:
         raise EditError(f"{path}: cannot read the image ({e})") from e
 
 
+def mask_to_keep(mask: Image.Image, size: int) -> torch.Tensor:
+    """1xSxS bool, True where the photo's pixels are kept: the mask framed like the photo, black (< 128) = keep,
+    white = repaint."""
+    return torch.from_numpy(frame(mask.convert("L").convert("RGB"), size)[..., 0] < 128)[None]
+
+
 def load_mask(path: str | Path, photo: str | Path, size: int) -> torch.Tensor:
     """1xHxW bool, True where the photo's pixels are kept (the mask is black there; white = repaint)."""
     try:
@@ -67,27 +74,12 @@ def load_mask(path: str | Path, photo: str | Path, size: int) -> torch.Tensor:
             _check_size(m, path)
             if m.size != p.size:
                 raise EditError(f"{path}: the mask is {m.size[0]}x{m.size[1]}, the image {p.size[0]}x{p.size[1]}")
-            keep = frame(m.convert("L").convert("RGB"), size)[..., 0] < 128
+            keep = mask_to_keep(m, size)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise EditError(f"{path}: cannot read the mask ({e})") from e
     if keep.all():
         raise EditError(f"{path}: the mask marks nothing to repaint (white = repaint)")
-    return torch.from_numpy(keep)[None]
-
-
-def run(engine: SamplerEngine, specs: list[SampleSpec], edits: list[Edit | None], progress=None) -> np.ndarray:
-    """Images of rows `specs` (with their edits), all in one batch."""
-    engine.add("edit", specs, edits=edits)
-    out: dict[int, np.ndarray] = {}
-    while len(engine):
-        step = engine.step()
-        for _, index, img in step.finished:
-            out[index] = img
-        for _, index in step.failed:
-            raise RuntimeError(f"sample {index} came out non-finite")
-        if progress is not None:
-            progress.update(len(specs))
-    return np.stack([out[i] for i in range(len(specs))])
+    return keep
 
 
 def interpolation_starts(seed_a: int, seed_b: int, frames: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
@@ -152,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = SamplerEngine(w.unet, w.diffusion, device, pick_dtype(a.dtype, device))
     rows = len(w.diffusion.coefficients(sampler, steps, specs[0].t_max, specs[0].jumps))
     with tqdm(total=len(specs) * rows, unit="img-step", desc=f"{sampler} x{rows}") as bar:
-        images = run(engine, specs, edits, bar)
+        images = run(engine, specs, edits, batch_size=len(specs), progress=bar)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.interpolate:

@@ -294,16 +294,26 @@ class SamplerEngine:
         return StepOutput(done, previews, failed)
 
 
-def generate(engine: SamplerEngine, seeds: list[int], sampler: str = "ddpm", steps: int = 1000,
-             batch_size: int = 16, progress=None) -> np.ndarray:
-    """Images for `seeds` (N, H, W, C uint8), `batch_size` at a time. `progress`: a tqdm-like bar or None."""
+def run(engine: SamplerEngine, specs: list[SampleSpec], edits: list[Edit | None] | None = None,
+        batch_size: int = 16, progress=None) -> np.ndarray:
+    """Images of `specs` (N, H, W, C uint8), with their edits if given, `batch_size` rows at a time.
+    `progress`: a tqdm-like bar or None (updated by the rows in the batch at every step)."""
     out: dict[int, np.ndarray] = {}
-    for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start:start + batch_size]
-        engine.add(start, [SampleSpec(s, sampler, steps) for s in chunk])
+    for start in range(0, len(specs), batch_size):
+        chunk = specs[start:start + batch_size]
+        engine.add(start, chunk, edits=None if edits is None else edits[start:start + batch_size])
         while len(engine):
-            for _, index, img in engine.step().finished:
+            step = engine.step()
+            for _, index, img in step.finished:
                 out[start + index] = img
+            for _, index in step.failed:
+                raise RuntimeError(f"sample {start + index} (seed {chunk[index].seed}) came out non-finite")
             if progress is not None:
                 progress.update(len(chunk))
-    return np.stack([out[i] for i in range(len(seeds))])
+    return np.stack([out[i] for i in range(len(specs))])
+
+
+def generate(engine: SamplerEngine, seeds: list[int], sampler: str = "ddpm", steps: int = 1000,
+             batch_size: int = 16, progress=None) -> np.ndarray:
+    """Images for `seeds` (N, H, W, C uint8), `batch_size` at a time: plain sampling through run()."""
+    return run(engine, [SampleSpec(s, sampler, steps) for s in seeds], None, batch_size, progress)

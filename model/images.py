@@ -38,9 +38,14 @@ def provenance(seed: int, sampler: str, steps: int, sha256: str, model: str) -> 
     return {"seed": str(seed), "sampler": sampler, "steps": str(steps), "weights_sha256": sha256, "model": model}
 
 
+def auto_framing(w: int, h: int) -> str:
+    """'celeba' for a photo of CelebA's aligned shape (178x218 or a scale of it), else 'center'."""
+    return "celeba" if abs(w / h - CELEBA_W / CELEBA_H) < 0.02 else "center"
+
+
 def frame_box(w: int, h: int, framing: str) -> tuple[float, float, float, float]:
     if framing == "auto":
-        framing = "celeba" if abs(w / h - CELEBA_W / CELEBA_H) < 0.02 else "center"
+        framing = auto_framing(w, h)
     if framing == "celeba":
         s = w / CELEBA_W
         cx, cy, side = (v * s for v in CELEBA_BOX)

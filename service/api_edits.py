@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from PIL import Image as PILImage
@@ -21,8 +22,8 @@ from PIL import UnidentifiedImageError
 from pydantic import ValidationError
 
 from model.diffusion import STOCHASTIC, repaint_path
-from model.edit import MAX_PIXELS, interpolation_starts, to_model
-from model.images import frame, frame_box, grid, png_bytes
+from model.edit import MAX_PIXELS, interpolation_starts, mask_to_keep, to_model
+from model.images import auto_framing, frame, frame_box, grid, png_bytes
 
 from .api_jobs import job_info
 from .deps import Invalid, b64, encode_grid, encode_pngs, max_seed, max_steps, runtime, submit, wait_or_disconnect
@@ -63,17 +64,17 @@ def prepare(image: bytes, mask: bytes | None, size: int) -> tuple[torch.Tensor, 
             m = _open(mask, "mask")
             if m.size != img.size:
                 raise Invalid(f"mask: {m.width}x{m.height}, but the image is {img.width}x{img.height}")
-            keep = frame(m.convert("L").convert("RGB"), size)[..., 0] < 128
+            keep = mask_to_keep(m, size)
             if keep.all():
                 raise Invalid("mask: it marks nothing to repaint (white = repaint, black = keep)")
-            keep = torch.from_numpy(keep)[None]
     except (OSError, ValueError) as e:  # truncated or corrupt pixel data, found while decoding
         raise Invalid(f"image: cannot decode it: {e}") from e
-    box = frame_box(img.width, img.height, "auto")
-    kind = "the CelebA face box" if abs(img.width / img.height - 178 / 218) < 0.02 else "the centre square"
-    framing = (f"{img.width}x{img.height} {img.format or 'image'}: cropped to {kind} "
-               f"({box[0]:.1f}, {box[1]:.1f})-({box[2]:.1f}, {box[3]:.1f}), resized to {size}x{size}")
-    return to_model(pixels), keep, framing
+    framing = auto_framing(img.width, img.height)
+    box = frame_box(img.width, img.height, framing)
+    kind = "the CelebA face box" if framing == "celeba" else "the centre square"
+    described = (f"{img.width}x{img.height} {img.format or 'image'}: cropped to {kind} "
+                 f"({box[0]:.1f}, {box[1]:.1f})-({box[2]:.1f}, {box[3]:.1f}), resized to {size}x{size}")
+    return to_model(pixels), keep, described
 
 
 def _b64(text: str | None, what: str) -> bytes | None:
@@ -119,12 +120,11 @@ async def parse_edit(request: Request) -> tuple[EditRequest, bytes, bytes | None
 
 
 def _validated(data) -> EditRequest:
+    """The body parsed by hand (two content types), its errors answered like any route's (app.py's handler)."""
     try:
         return EditRequest.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "body"
-        raise Invalid(f"{where}: {first['msg']}") from e
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
 
 
 def edits_router(auth) -> APIRouter:

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import ROOT, needs_celeba
 from model.diffusion import Diffusion
 from model.edit import interpolation_starts, to_model
-from model.engine import Edit, SampleSpec, SamplerEngine, generate
+from model.engine import Edit, SampleSpec, SamplerEngine, generate, to_uint8
 from model.images import frame
 from model.unet import PRESETS, UNet
 from model.weights import DEFAULT_WEIGHTS, load_weights
@@ -36,7 +36,8 @@ def images_of(engine, rows):
 
 
 def u8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    """One 3xHxW image in [-1, 1] as the engine hands images out (HxWx3 uint8)."""
+    return to_uint8(x[None])[0].numpy()
 
 
 def test_landing_levels_and_partial_chains():

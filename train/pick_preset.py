@@ -1,7 +1,7 @@
 """Which preset to train in a fixed time: `python -m train.pick_preset --budget 300 --min-steps 6000`.
 
-Times a few training steps of each candidate on this device (the loop of `python -m train`: bf16 autocast on
-CUDA, fused AdamW, EMA, gradient clipping, on random images) and picks the largest candidate that can make
+Times a few training steps of each candidate on this device (`python -m train`'s optimizer_step: bf16
+autocast on CUDA, fused AdamW, EMA, gradient clipping, on random images) and picks the largest candidate that can make
 `--min-steps` optimizer steps at `--batch-size` within `--budget` seconds; if none can, the fastest. In a short
 budget a smaller model that sees the data many times beats a large one that sees it once. Prints a table on
 stderr and the chosen preset's name alone on stdout, for scripts: `P=$(python -m train.pick_preset ...)`.
@@ -20,7 +20,7 @@ from model.device import pick_device, pick_memory_format
 from model.diffusion import Diffusion, ScheduleConfig
 from model.unet import PRESETS, UNet, count_parameters
 
-from .train import ema_update
+from .train import autocast, optimizer_step
 
 DEFAULT_CANDIDATES = ["celeba64-9m", "celeba64-5m", "celeba64-2m"]
 
@@ -34,21 +34,13 @@ def steps_per_second(preset: str, batch: int, device: torch.device, seconds: flo
     ema = copy.deepcopy(model).float().eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     diffusion = Diffusion(ScheduleConfig(prediction="v"))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                    enabled=False)
+    amp = autocast(device)
     x0 = (torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1).contiguous(
         memory_format=memory_format)
 
     def step(i: int) -> None:
         t = torch.randint(0, diffusion.T, (batch,), device=device)
-        eps = torch.randn_like(x0)
-        with amp:
-            loss = diffusion.training_loss(model, x0, t, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, model, i, 0.9999)
+        optimizer_step(model, model, ema, opt, diffusion, x0, t, torch.randn_like(x0), amp, 1.0, i, 0.9999)
 
     def sync() -> None:
         if device.type == "cuda":

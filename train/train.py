@@ -150,6 +150,26 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
         be.copy_(bm)
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; off on CPU (fp32: no fast bf16 there)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def optimizer_step(fwd, model, ema, opt, diffusion, x0, t, eps, amp, grad_clip: float, step: int, ema_decay: float):
+    """One training step: the eps loss under `amp`, backward, clipping, the optimizer and the EMA. `fwd` is what
+    the loss calls (the model, or its DDP/compiled wrapper); returns (loss, gradient norm), both on the device."""
+    with amp:
+        loss = diffusion.training_loss(fwd, x0, t, eps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    ema_update(ema, model, step, ema_decay)
+    return loss, gnorm
+
+
 def save_checkpoint(path: Path, **state) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -235,7 +255,7 @@ def main(argv=None) -> int:
             torch.cuda.set_rng_state(resumed["rng_cuda"])
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     fwd = torch.compile(net) if a.compile else net
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = autocast(device)
     images = data.images.to(device) if device.type == "cuda" else data.images
     order = ShardedOrder(len(data.names), a.seed, a.batch_size, rank, world, images.device)
     per_rank = a.batch_size // world
@@ -295,13 +315,7 @@ def main(argv=None) -> int:
         eps = torch.randn(global_shape, device=device, generator=g)[mine]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, a)
-        with amp:
-            loss = diffusion.training_loss(fwd, x0, t, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
-        opt.step()
-        ema_update(ema, model, step, a.ema_decay)
+        loss, gnorm = optimizer_step(fwd, model, ema, opt, diffusion, x0, t, eps, amp, a.grad_clip, step, a.ema_decay)
         step += 1
         loss_acc += loss.detach()
         loss_n += 1
