@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 import torch
 
-from model.noise import gaussian, philox4x32
+from model.noise import gaussian, philox4x32, philox4x32_numpy
 
 
 def _w(v):
@@ -19,6 +20,21 @@ def test_philox_known_answers():
     for ctr, key, expected in cases:
         out = philox4x32([_w(c) for c in ctr], [_w(k) for k in key])
         assert [int(o) for o in out] == expected
+
+
+def test_numpy_philox_gives_the_torch_words():
+    """The CPU path (NumPy uint64) and the device path (torch int64) give the same words, known answers included."""
+    for ctr, key, expected in [([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+                               ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD])]:
+        out = philox4x32_numpy([np.array([c], dtype=np.uint64) for c in ctr], [np.array([k]) for k in key])
+        assert [int(o[0]) for o in out] == expected
+    g = torch.Generator().manual_seed(0)
+    words = [torch.randint(0, 2**32, (4096,), generator=g, dtype=torch.int64) for _ in range(6)]
+    words[0][:2] = torch.tensor([0, 2**32 - 1])  # the edges of the word range
+    ref = philox4x32(words[:4], words[4:])
+    out = philox4x32_numpy([w.numpy().astype(np.uint64) for w in words[:4]], [w.numpy() for w in words[4:]])
+    for r, o in zip(ref, out):
+        assert np.array_equal(r.numpy(), o.astype(np.int64))
 
 
 def test_gaussian_statistics():
