@@ -10,6 +10,10 @@ On CPU a small U-Net's step is not all convolution: it is bound by per-op overhe
 The default on CPU (`auto`, fp32) is ONNX Runtime in shards: about 2x the TorchScript runner at batch 1 and
 1.1-1.5x at 4-64, which itself is 1.2-1.6x eager; the same numbers to ~1e-6 (tests/test_runner.py). The choice is
 fixed, not timed at start-up, so that the CLI and the service run the same kernels and give the same PNGs.
+  - Spin-waiting: a batch of fewer rows than cores leaves cores idle. Where the thread policy lets threads spin
+    (OMP_WAIT_POLICY=ACTIVE: the process owns its cores), those rows run on an ORT session with every core as an
+    intra-op thread instead: ~20% faster per step at batch 1 alone, 1.7x slower beside a busy process
+    (bench/results/thread-policy-cpu.md), hence not the default. The outputs are the same bits either way.
 Where onnxruntime or the export is unavailable the runner falls back to TorchScript, then eager, and says so
 (`mode`, shown in /v1/model and the model_info metric).
 
@@ -35,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .device import spin_wait
 from .unet import UNet
 
 log = logging.getLogger(__name__)
@@ -47,12 +52,14 @@ class ModelRunner:
     it is installed, else TorchScript; on CUDA, graphs), 'onnx' and 'script' (CPU only, each falling back to the
     next: onnx, script, eager), 'graphs' (CUDA only; eager for a batch it cannot capture), 'eager'.
     workers: CPU shards run at once (default: torch's intra-op thread count).
-    cache_dir, static_max: for onnx (model/runner_onnx.py). `mode` says what runs.
+    cache_dir, static_max: for onnx (model/runner_onnx.py). spin: for onnx, let a batch smaller than `workers` use
+    the spare cores as spinning intra-op threads (default: model/device.py's spin_wait()). `mode` says what runs.
     An onnx or script runner holds the weights as they were when it was built: build a new one after changing them."""
 
     def __init__(self, module: nn.Module, device: torch.device, dtype: torch.dtype,
                  memory_format: torch.memory_format = torch.contiguous_format, mode: str = "auto",
-                 workers: int | None = None, cache_dir: Path | None = None, static_max: int | None = None):
+                 workers: int | None = None, cache_dir: Path | None = None, static_max: int | None = None,
+                 spin: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown runner mode {mode!r} (expected one of {', '.join(MODES)})")
         if mode in ("onnx", "script") and device.type != "cpu":
@@ -69,13 +76,14 @@ class ModelRunner:
         if mode == "onnx" and dtype != torch.float32:
             raise ValueError("runner mode 'onnx' runs fp32 (this CPU has no fast bf16)")
         self.workers = max(1, workers or torch.get_num_threads())
+        self.spin = spin_wait() if spin is None else spin
         self.mode = "eager"
         self.fn = module
         if mode == "onnx":
             try:
                 from .runner_onnx import STATIC_MAX, OnnxUNet
 
-                self.fn = OnnxUNet(module, cache_dir, threads=1,
+                self.fn = OnnxUNet(module, cache_dir, threads=1, spinning=self.spin,
                                    static_max=STATIC_MAX if static_max is None else static_max)
                 self.mode = "onnx"
             except ImportError as e:
@@ -104,15 +112,20 @@ class ModelRunner:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shards = min(self.workers, x.shape[0]) if self._pool is not None else 1
+        # cores left over by too few rows become each shard's spinning ORT threads, where spinning is allowed
+        threads = self.workers // shards if self.spin and self.mode == "onnx" else 1
         if shards <= 1:
-            return self.fn(x, t)
-        parts = [self._pool.submit(self._run_shard, xs, ts)
+            return self._call(x, t, threads)
+        parts = [self._pool.submit(self._run_shard, xs, ts, threads)
                  for xs, ts in zip(x.tensor_split(shards), t.tensor_split(shards))]
         return torch.cat([p.result() for p in parts])
 
-    def _run_shard(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _call(self, x: torch.Tensor, t: torch.Tensor, threads: int) -> torch.Tensor:
+        return self.fn(x, t, threads) if threads > 1 else self.fn(x, t)
+
+    def _run_shard(self, x: torch.Tensor, t: torch.Tensor, threads: int) -> torch.Tensor:
         with torch.inference_mode():  # grad mode is per thread
-            return self.fn(x, t)
+            return self._call(x, t, threads)
 
     def close(self) -> None:
         if self._pool is not None:

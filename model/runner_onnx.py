@@ -13,7 +13,10 @@ bench/results/runner-cpu.md (bench/runner.py).
   after it loads and reproduces the module's output on a probe input; anything else is rebuilt.
 - Threads: each session runs single-threaded and the batch is split into one shard per worker, run at once, as the
   TorchScript runner does (ModelRunner calls shards on its pool); spinning is off, so an idle worker sleeps
-  instead of taking a core from a busy neighbour.
+  instead of taking a core from a busy neighbour. Where the thread policy lets threads spin (OMP_WAIT_POLICY=ACTIVE,
+  model/device.py), a batch with fewer rows than cores runs on one session with the spare cores as ORT intra-op
+  threads (`threads=` per call; sessions are kept per batch size and thread count): the outputs are the same
+  bits (tests/test_runner.py).
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class OnnxUNet:
         self.threads, self.static_max, self.spinning = threads, static_max, spinning
         self._lock = threading.Lock()
         self.path = (cache_dir or default_cache_dir()) / f"unet-{cache_key(module)}.onnx"
-        self._sessions: dict[int, object] = {}
+        self._sessions: dict[tuple[int, int], object] = {}
         probe = self._probe(module)
         if self.path.exists():
             try:
@@ -116,19 +119,19 @@ class OnnxUNet:
         if not err <= PROBE_TOL:
             raise ValueError(f"differs from the module by {err:.2g} (> {PROBE_TOL:g})")
 
-    def session(self, batch: int):
-        key = batch if batch <= self.static_max else 0
+    def session(self, batch: int, threads: int | None = None):
+        key = (batch if batch <= self.static_max else 0, threads or self.threads)
         s = self._sessions.get(key)
         if s is None:
             with self._lock:  # shards may ask for a new size at once: build it once
                 s = self._sessions.get(key)
                 if s is None:
-                    s = self._sessions[key] = self._new_session(key)
+                    s = self._sessions[key] = self._new_session(*key)
         return s
 
-    def _new_session(self, batch: int):
+    def _new_session(self, batch: int, threads: int):
         so = self.ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
+        so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
@@ -136,9 +139,10 @@ class OnnxUNet:
             so.add_free_dimension_override_by_name("batch", batch)
         return self.ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
 
-    def run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        return self.session(x.shape[0]).run(None, {"x": x, "t": t})[0]
+    def run(self, x: np.ndarray, t: np.ndarray, threads: int | None = None) -> np.ndarray:
+        return self.session(x.shape[0], threads).run(None, {"x": x, "t": t})[0]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """threads: ORT intra-op threads for this call (default: the constructor's)."""
         x = x.contiguous()  # ONNX Runtime takes NCHW buffers
-        return torch.from_numpy(self.run(x.numpy(), t.to(torch.float32).numpy()))
+        return torch.from_numpy(self.run(x.numpy(), t.to(torch.float32).numpy(), threads))

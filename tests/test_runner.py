@@ -176,6 +176,25 @@ def test_engine_gives_the_same_images_on_onnx_and_eager_and_onnx_is_batch_invari
     assert nearly_equal(together, eager) and nearly_equal(together, alone)
 
 
+def test_spinning_lends_a_small_batch_every_core_and_gives_the_same_bits(tmp_path, monkeypatch):
+    """Under OMP_WAIT_POLICY=ACTIVE a batch of fewer rows than workers runs on one ORT session with a thread per
+    worker (spinning); larger batches keep single-threaded shards. Same outputs, bit for bit, at cpu32's size."""
+    torch.manual_seed(0)
+    m = UNet(PRESETS["cpu32"]).eval()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    spin = ModelRunner(m, CPU, torch.float32, mode="onnx", workers=2, cache_dir=tmp_path)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    quiet = ModelRunner(m, CPU, torch.float32, mode="onnx", workers=2, cache_dir=tmp_path)
+    assert spin.spin and not quiet.spin
+    for b in (1, 3):
+        x, t = _inputs(b, 32)
+        assert torch.equal(spin(x, t), quiet(x, t))
+    # (batch, threads) sessions built: batch 1 on 2 threads, 3 as shards of 2 and 1 (and 3: the cache's probe)
+    assert set(spin.fn._sessions) == {(1, 2), (1, 1), (2, 1), (3, 1)}
+    assert set(quiet.fn._sessions) == {(1, 1), (2, 1), (3, 1)} and not quiet.fn.spinning
+    spin.close(), quiet.close()
+
+
 def test_cuda_graph_buckets_cover_every_batch_with_little_padding():
     from model.runner_cuda import bucket
 
