@@ -1,7 +1,9 @@
 """Service benchmark on loopback: request latency, and a bounded load test with N concurrent clients.
 
-    # seconds for {"n": 1} and {"n": 4} at 1000 ddpm steps through the running service
-    python bench/service_load.py latency --weights weights/celeba32-cpu.safetensors --out bench/results/service-latency-cpu.md
+    # seconds for {"n": 1} and {"n": 4} at 1000 ddpm steps through the running service, with its default settings
+    # and with SPIN_THREADS on (a batch smaller than the cores on spinning ONNX Runtime threads)
+    python bench/service_load.py latency --weights weights/celeba32-cpu.safetensors --variants default spin \
+        --out bench/results/service-latency-cpu.md
     # (then the same weights in diffusers' DDPMPipeline at the same batch sizes, for comparison)
     # throughput and p50/p99 latency, continuous batching (max batch 16) vs none (max batch 1), in one run
     python bench/service_load.py load --clients 1 4 16 --duration 60 --max-batch 16 1 \
@@ -89,20 +91,24 @@ def header(title: str, argv, script: str = "bench/service_load.py") -> list[str]
             f"- command: `python {script} {' '.join(argv)}`", ""]
 
 
+VARIANTS = {"default": [], "spin": ["--spin-threads", "true"]}  # service flags measured side by side in latency
+
+
 def latency(a, argv) -> str:
     """1000-step ddpm requests one at a time through the service; then, with the service stopped, the same
     weights in diffusers' DDPMPipeline (a plain diffusers deployment's compute) at the same batch sizes."""
     measured = []
-    with service(a.weights, a.max_batch[0]) as url:
-        for n in a.n:
-            for r in range(a.repeat):
-                t0 = time.perf_counter()
-                resp = httpx.post(url + "/generate", json={"n": n, "seed": r}, timeout=3600)
-                dt = time.perf_counter() - t0
-                assert resp.status_code == 200 and len(resp.json()["images"]) == n, resp.text[:200]
-                measured.append((n, dt, resp.json()["timings"]))
-                print(f"n={n}: {dt:.2f} s", flush=True)
-        info = httpx.get(url + "/v1/model", timeout=10).json()
+    for variant in a.variants:
+        with service(a.weights, a.max_batch[0], VARIANTS[variant]) as url:
+            for n in a.n:
+                for r in range(a.repeat):
+                    t0 = time.perf_counter()
+                    resp = httpx.post(url + "/generate", json={"n": n, "seed": r}, timeout=3600)
+                    dt = time.perf_counter() - t0
+                    assert resp.status_code == 200 and len(resp.json()["images"]) == n, resp.text[:200]
+                    measured.append((variant, n, dt, resp.json()["timings"]))
+                    print(f"{variant} n={n}: {dt:.2f} s", flush=True)
+            info = httpx.get(url + "/v1/model", timeout=10).json()
     runner, device, dtype_name = info.get("runner"), info.get("device", "cpu"), info.get("dtype", "fp32")
     theirs = {}
     if a.diffusers:
@@ -118,9 +124,10 @@ def latency(a, argv) -> str:
             theirs[n] = time_diffusers(w, torch.device(device), DTYPES[dtype_name], n, 1000)
             print(f"diffusers n={n}: {theirs[n]:.2f} s", flush=True)
     rows = []
-    for n, dt, t in measured:
+    for variant, n, dt, t in measured:
         d = f"{theirs[n]:.2f} | {theirs[n] / dt:.2f}x" if n in theirs else "- | -"
-        rows.append(f"| {n} | 1000 (ddpm) | {dt:.2f} | {t['queue_s']:.3f} | {t['generate_s']:.2f} | {d} |")
+        flags = " ".join(VARIANTS[variant]) or "defaults"
+        rows.append(f"| {n} | {flags} | 1000 (ddpm) | {dt:.2f} | {t['queue_s']:.3f} | {t['generate_s']:.2f} | {d} |")
     return "\n".join(header("Service latency, 1000-step ddpm requests, one at a time", argv) + [
         "diffusers: the same weights in diffusers' DDPMPipeline (UNet2DModel via model/diffusers_compat.py, "
         f"DDPMScheduler with the same schedule and prediction type, no clipping), same batch size, {device} "
@@ -130,8 +137,9 @@ def latency(a, argv) -> str:
         "diffusers with OMP_WAIT_POLICY "
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default: its best alone)')}.",
         "",
-        "| n | steps | service end-to-end s | queue s | generate s | diffusers DDPMPipeline s | service speed-up |",
-        "| --- | --- | --- | --- | --- | --- | --- |"] + rows) + "\n"
+        "| n | service flags | steps | service end-to-end s | queue s | generate s | diffusers DDPMPipeline s | "
+        "service speed-up |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"] + rows) + "\n"
 
 
 def load(a, argv) -> str:
@@ -188,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=str(ROOT / "weights" / "celeba32-cpu.safetensors"))
     p.add_argument("--n", type=int, nargs="+", default=[1, 4], help="latency: images per request")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["default"],
+                   help="latency: service settings to measure, one service each (spin: --spin-threads true)")
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false",
                    help="latency: skip the diffusers DDPMPipeline comparison")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the diffusers run (default: all)")

@@ -10,13 +10,10 @@ Every CUDA-specific decision lives here, so the engine, the service and training
   StepTimer           step durations from CUDA events (the host does not wait for the GPU to read them), or the
                       host clock on CPU
   is_device_fault     a sticky device error after which the process must be restarted (not OOM, not a bug)
-  spin_wait           whether idle CPU threads may spin: OMP_WAIT_POLICY=ACTIVE (the OpenMP knob, so torch's pool and
-                      ONNX Runtime's follow one setting; the service sets PASSIVE unless told otherwise)
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 
@@ -46,11 +43,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if not 0 <= index < count:
         raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return torch.device("cuda", index)
-
-
-def spin_wait() -> bool:
-    """True where the process owns its cores and threads may spin-wait between ops (OMP_WAIT_POLICY=ACTIVE)."""
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "ACTIVE"
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

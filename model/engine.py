@@ -76,6 +76,7 @@ class StepOutput:
 
 class SamplerEngine:
     """memory_format: 'auto' (model/device.py), 'channels_last', 'contiguous', or a torch.memory_format.
+    runner, workers, cache_dir, spin: how the U-Net runs (model/runner.py's ModelRunner).
 
     Exception-safe: `step()` computes the new state first and commits it only when nothing failed, so after an
     error (a CUDA OOM, say) the same step can be retried and the images are those of an uninterrupted run.
@@ -84,14 +85,15 @@ class SamplerEngine:
     def __init__(self, unet: UNet, diffusion: Diffusion, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, memory_format: str | torch.memory_format = "auto",
                  noise_chunk_elems: int | None = None, runner: str = "auto", workers: int | None = None,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, spin: bool = False):
         self.device = torch.device(device)
         self.dtype = dtype
         if isinstance(memory_format, str):
             memory_format = pick_memory_format(memory_format, self.device)
         self.memory_format = memory_format
         self.unet = unet.to(self.device, dtype).eval().to(memory_format=self.memory_format)
-        self.runner = ModelRunner(self.unet, self.device, dtype, self.memory_format, runner, workers, cache_dir)
+        self.runner = ModelRunner(self.unet, self.device, dtype, self.memory_format, runner, workers, cache_dir,
+                                  spin=spin)
         self.diffusion = diffusion
         cfg = unet.config
         self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)

@@ -10,10 +10,11 @@ On CPU a small U-Net's step is not all convolution: it is bound by per-op overhe
 The default on CPU (`auto`, fp32) is ONNX Runtime in shards: about 2x the TorchScript runner at batch 1 and
 1.1-1.5x at 4-64, which itself is 1.2-1.6x eager; the same numbers to ~1e-6 (tests/test_runner.py). The choice is
 fixed, not timed at start-up, so that the CLI and the service run the same kernels and give the same PNGs.
-  - Spin-waiting: a batch of fewer rows than cores leaves cores idle. Where the thread policy lets threads spin
-    (OMP_WAIT_POLICY=ACTIVE: the process owns its cores), those rows run on an ORT session with every core as an
-    intra-op thread instead: ~20% faster per step at batch 1 alone, 1.7x slower beside a busy process
-    (bench/results/thread-policy-cpu.md), hence not the default. The outputs are the same bits either way.
+  - Spinning threads (`spin=True`, opt-in): a batch of fewer rows than cores leaves cores idle; with spin, those
+    rows run on an ORT session with a spinning intra-op thread per core instead (batch 1 on 2 cores: ~20% faster
+    per step alone, ~1.7x slower beside a busy process: bench/results/thread-policy-cpu.md, hence off by default).
+    The outputs are the same bits either way. torch's own OpenMP pool stays PASSIVE: with OMP_WAIT_POLICY=ACTIVE
+    its spinning threads take the cores from ORT's and every step got 1.4-1.7x slower (measured at batch 1-64).
 Where onnxruntime or the export is unavailable the runner falls back to TorchScript, then eager, and says so
 (`mode`, shown in /v1/model and the model_info metric).
 
@@ -39,7 +40,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .device import spin_wait
 from .unet import UNet
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,13 @@ class ModelRunner:
     next: onnx, script, eager), 'graphs' (CUDA only; eager for a batch it cannot capture), 'eager'.
     workers: CPU shards run at once (default: torch's intra-op thread count).
     cache_dir, static_max: for onnx (model/runner_onnx.py). spin: for onnx, let a batch smaller than `workers` use
-    the spare cores as spinning intra-op threads (default: model/device.py's spin_wait()). `mode` says what runs.
+    the spare cores as spinning intra-op threads (for a process that owns its cores). `mode` says what runs.
     An onnx or script runner holds the weights as they were when it was built: build a new one after changing them."""
 
     def __init__(self, module: nn.Module, device: torch.device, dtype: torch.dtype,
                  memory_format: torch.memory_format = torch.contiguous_format, mode: str = "auto",
                  workers: int | None = None, cache_dir: Path | None = None, static_max: int | None = None,
-                 spin: bool | None = None):
+                 spin: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown runner mode {mode!r} (expected one of {', '.join(MODES)})")
         if mode in ("onnx", "script") and device.type != "cpu":
@@ -76,7 +76,7 @@ class ModelRunner:
         if mode == "onnx" and dtype != torch.float32:
             raise ValueError("runner mode 'onnx' runs fp32 (this CPU has no fast bf16)")
         self.workers = max(1, workers or torch.get_num_threads())
-        self.spin = spin_wait() if spin is None else spin
+        self.spin = spin
         self.mode = "eager"
         self.fn = module
         if mode == "onnx":

@@ -13,10 +13,9 @@ bench/results/runner-cpu.md (bench/runner.py).
   after it loads and reproduces the module's output on a probe input; anything else is rebuilt.
 - Threads: each session runs single-threaded and the batch is split into one shard per worker, run at once, as the
   TorchScript runner does (ModelRunner calls shards on its pool); spinning is off, so an idle worker sleeps
-  instead of taking a core from a busy neighbour. Where the thread policy lets threads spin (OMP_WAIT_POLICY=ACTIVE,
-  model/device.py), a batch with fewer rows than cores runs on one session with the spare cores as ORT intra-op
-  threads (`threads=` per call; sessions are kept per batch size and thread count): the outputs are the same
-  bits (tests/test_runner.py).
+  instead of taking a core from a busy neighbour. With spinning asked for (ModelRunner's `spin`), a batch with
+  fewer rows than cores runs on one session with the spare cores as spinning ORT intra-op threads (`threads=` per
+  call; sessions are kept per batch size and thread count): the outputs are the same bits (tests/test_runner.py).
 """
 
 from __future__ import annotations

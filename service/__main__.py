@@ -30,7 +30,8 @@ def main(argv=None) -> int:
         default = field.default.get_secret_value() if hasattr(field.default, "get_secret_value") else field.default
         shown = "unset" if default is None else default
         p.add_argument("--" + name.replace("_", "-"), default=None, metavar=name.upper(),
-                       help=f"{field.description or ''} (env CELEBA_DDPM_{name.upper()}; default: {shown})")
+                       help=f"{field.description or ''} (env CELEBA_DDPM_{name.upper()}; default: {shown})"
+                       .replace("%", "%%"))  # argparse formats help with %
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -55,7 +55,7 @@ def build_runtime(settings: Settings, weights: LoadedWeights | None = None,
     weights = weights or load_weights(settings.weights_path(device))
     engine = SamplerEngine(weights.unet, weights.diffusion, device, dtype, memory_format=settings.memory_format,
                            runner=settings.runner, workers=settings.threads,
-                           cache_dir=settings.cache_dir)
+                           cache_dir=settings.cache_dir, spin=settings.spin_threads)
     metrics = Metrics()
     metrics.model.info({"name": weights.name, "sha256": weights.sha256,
                         "resolution": str(weights.unet.config.image_size), "device": str(device),

@@ -176,16 +176,14 @@ def test_engine_gives_the_same_images_on_onnx_and_eager_and_onnx_is_batch_invari
     assert nearly_equal(together, eager) and nearly_equal(together, alone)
 
 
-def test_spinning_lends_a_small_batch_every_core_and_gives_the_same_bits(tmp_path, monkeypatch):
-    """Under OMP_WAIT_POLICY=ACTIVE a batch of fewer rows than workers runs on one ORT session with a thread per
-    worker (spinning); larger batches keep single-threaded shards. Same outputs, bit for bit, at cpu32's size."""
+def test_spinning_lends_a_small_batch_every_core_and_gives_the_same_bits(tmp_path):
+    """With spin, a batch of fewer rows than workers runs on one ORT session with a thread per worker (spinning);
+    larger batches keep single-threaded shards. Same outputs, bit for bit, at cpu32's size."""
     torch.manual_seed(0)
     m = UNet(PRESETS["cpu32"]).eval()
-    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
-    spin = ModelRunner(m, CPU, torch.float32, mode="onnx", workers=2, cache_dir=tmp_path)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    spin = ModelRunner(m, CPU, torch.float32, mode="onnx", workers=2, cache_dir=tmp_path, spin=True)
     quiet = ModelRunner(m, CPU, torch.float32, mode="onnx", workers=2, cache_dir=tmp_path)
-    assert spin.spin and not quiet.spin
+    assert spin.fn.spinning and not quiet.spin
     for b in (1, 3):
         x, t = _inputs(b, 32)
         assert torch.equal(spin(x, t), quiet(x, t))
