@@ -75,14 +75,16 @@ def matmul_peak_flops(device, dtype, sizes=None, repeats: int = 5) -> tuple[floa
 
 
 def time_ours(w, device, dtype, batch: int, steps: int, runner: str = "auto") -> tuple[float, str]:
-    """Seconds for `steps` steps of a batch, and the runner mode that ran the U-Net."""
-    engine = SamplerEngine(w.unet, w.diffusion, device, dtype, runner=runner)
+    """Seconds for `steps` steps of a batch, and the runner mode that ran the U-Net. runner: a mode of
+    model/runner.py, with "+spin" for its spinning threads (SPIN_THREADS in the service)."""
+    mode, _, spin = runner.partition("+")
+    engine = SamplerEngine(w.unet, w.diffusion, device, dtype, runner=mode, spin=spin == "spin")
     generate(engine, list(range(batch)), "ddpm", 3, batch)  # warm-up (and on CUDA, the graph capture)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     generate(engine, list(range(batch)), "ddpm", steps, batch)  # ends with the images on the host: synced
-    mode = engine.runner.mode
+    mode = engine.runner.mode + ("+spin" if engine.runner.spin else "")
     if getattr(engine.runner.fn, "eager_reason", None):
         mode += f" (fell back to eager: {engine.runner.fn.eager_reason})"
     engine.runner.close()
@@ -111,7 +113,10 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="weights/celeba32-cpu.safetensors")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="time a random-initialised preset instead of --weights")
-    p.add_argument("--runner", nargs="+", default=["auto"], help="our runner modes to time (model/runner.py)")
+    p.add_argument("--runner", nargs="+", default=["auto"],
+                   help="our runner modes to time (model/runner.py); MODE+spin: with spinning threads")
+    p.add_argument("--repeat", type=int, default=1, help="time each side this many times, interleaved; the best "
+                   "counts (noisy machines)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--steps", type=int, nargs="+", default=[1000],
                    help="ddpm steps per batch size (one value for all, or one per --batch); images/s is reported "
@@ -133,20 +138,28 @@ def main(argv=None) -> int:
     flops = flops_per_image(w.unet.to(device, dtype), w.unet.config.image_size, device, dtype)
     peak, peak_n = matmul_peak_flops(device, dtype)
     rows, modes = [], []
+    def diffusers_seconds(b: int, n: int) -> float:
+        if device.type != "cpu":
+            return time_diffusers(w, device, dtype, b, n)
+        # OpenMP reads its policy once per process: diffusers runs in a child with libgomp's default (its best
+        # alone on the cores), ours here under the service's PASSIVE.
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        source = ["--preset", a.preset] if a.preset else ["--weights", a.weights]
+        r = subprocess.run([sys.executable, __file__, "--side", "diffusers", *source, "--batch",
+                            str(b), "--steps", str(n), "--device", a.device, "--dtype", a.dtype],
+                           env=env, capture_output=True, text=True, check=True, timeout=3600)
+        return float(r.stdout.split()[-1])
+
     for b, n in zip(a.batch, steps):
-        if device.type == "cpu":
-            # OpenMP reads its policy once per process: diffusers runs in a child with libgomp's default (its best
-            # alone on the cores), ours here under the service's PASSIVE.
-            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-            source = ["--preset", a.preset] if a.preset else ["--weights", a.weights]
-            r = subprocess.run([sys.executable, __file__, "--side", "diffusers", *source, "--batch",
-                                str(b), "--steps", str(n), "--device", a.device, "--dtype", a.dtype],
-                               env=env, capture_output=True, text=True, check=True, timeout=3600)
-            theirs = float(r.stdout.split()[-1])
-        else:
-            theirs = time_diffusers(w, device, dtype, b, n)
-        for runner in a.runner:
-            ours, mode = time_ours(w, device, dtype, b, n, runner)
+        timings: dict[str, list[float]] = {}
+        for _ in range(a.repeat):  # interleaved, so a slow spell of the machine hits both sides
+            timings.setdefault("diffusers", []).append(diffusers_seconds(b, n))
+            for runner in a.runner:
+                ours, mode = time_ours(w, device, dtype, b, n, runner)
+                timings.setdefault(mode, []).append(ours)
+        theirs = min(timings.pop("diffusers"))
+        for mode, runs in timings.items():
+            ours = min(runs)
             modes.append(mode)
             ips_o, ips_d = b / ours * n / 1000, b / theirs * n / 1000  # images/s of the 1000-step chain
             achieved = flops * n * b / ours
@@ -161,6 +174,7 @@ def main(argv=None) -> int:
         f"- command: `python bench/sampler.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- U-Net FLOPs per image per step: {flops / 1e9:.3f} GFLOP (FlopCounterMode); device peak measured as the "
         f"best square matmul of {', '.join(map(str, peak_sizes(device)))} x 5 repeats: {peak / 1e9:.1f} GFLOP/s (at {peak_n}x{peak_n})",
+        f"- each side timed {a.repeat} time(s), interleaved; the best counts",
         f"- OMP_WAIT_POLICY: ours {os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default)')}, diffusers "
         "unset (libgomp default, in its own process); our runner modes (model/runner.py): "
         f"{', '.join(sorted(set(modes)))}",

@@ -48,8 +48,8 @@ with torch.inference_mode():
 # ONNX Runtime's own thread pool (model/runner_onnx.py): its idle threads spin unless allow_spinning=0. The runner
 # splits the batch into single-threaded sessions instead (nothing to spin); both are measured here.
 ORT_OPTIONS = {
-    "ORT: 2 shards x 1-thread session, no spinning (the runner)": "runner",
-    "ORT: 1 session x 2 threads, spinning (ORT's default)": "spin",
+    "ORT: 2 shards x 1-thread session, no spinning (the runner's default)": "runner",
+    "ORT: 1 session x 2 threads, spinning (ORT's default; the runner's at batch 1 with SPIN_THREADS)": "spin",
     "ORT: 1 session x 2 threads, allow_spinning=0": "nospin",
 }
 

@@ -163,6 +163,16 @@ def test_metrics_parse_and_move(served):
     assert "seed=" not in text  # no per-seed labels
 
 
+def test_spin_threads_runs_a_lone_request_on_every_core_with_the_same_pixels(tiny_weights):
+    """SPIN_THREADS: a batch of one runs on a spinning multi-threaded ORT session; its PNG is the CLI's, pixel for
+    pixel, as without the setting."""
+    with running(Settings(weights=tiny_weights, spin_threads=True, threads=2, warmup=False)) as (url, app):
+        r = post(url, {"n": 1, "seed": 7, "sampler": "ddim", "steps": 20})
+        runner = app.state.runtime.engine.runner
+        assert runner.mode == "onnx" and runner.spin and (1, 2) in runner.fn._sessions
+    assert np.array_equal(decode_png(r.json()["images"][0]["png"])[0], offline(tiny_weights, [7], "ddim", 20)[0])
+
+
 def test_health_model_and_openapi(served):
     url, _ = served
     assert httpx.get(url + "/healthz").json() == {"status": "ok"}

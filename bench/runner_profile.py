@@ -1,0 +1,156 @@
+"""Where the batch-1 CPU forward goes: ONNX Runtime's own profile of the runner's graph, by operator type, the
+convolutions' FLOP/s against one core's and two cores' matmul peak, and a floor: the same graph with every
+GroupNorm left out (wrong numbers, but what the rest costs).
+
+    python bench/runner_profile.py --out bench/results/runner-profile-cpu.md
+
+Why it exists: issue 21 asks for 1000 batch-1 steps in 3 s on this 2-core CPU, i.e. 3 ms per step. The profile says
+how close the kernels ORT has can come: if the convolutions alone, at the cores' matmul rate, leave no room for the
+rest, no thread or graph setting reaches the target, and the next step is a different network or a fused kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from model.runner_onnx import export  # noqa: E402
+from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
+from sampler import matmul_peak_flops  # noqa: E402  (bench/sampler.py)
+
+
+def session(path: Path, threads: int, spinning: bool, profile: bool = False):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_free_dimension_override_by_name("batch", 1)
+    so.enable_profiling = profile
+    so.profile_file_prefix = str(path.with_suffix(""))  # next to the graph, in a temporary folder
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ms_per_run(s, feeds, rounds: int = 7, n: int = 60) -> float:
+    """Best round's mean ms per run (after a warm-up)."""
+    for _ in range(20):
+        s.run(None, feeds)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            s.run(None, feeds)
+        best = min(best, (time.perf_counter() - t0) / n * 1e3)
+    return best
+
+
+def profile(path: Path, feeds, threads: int, runs: int = 200) -> tuple[dict[str, float], float, float]:
+    """(us per run by op type, conv us per run, conv FLOPs per run) from ORT's profiler (which slows each op)."""
+    s = session(path, threads, spinning=True, profile=True)
+    for _ in range(runs):
+        s.run(None, feeds)
+    trace = Path(s.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    by_op: dict[str, float] = collections.Counter()
+    conv_us, conv_flops = 0.0, 0.0
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        op = e["args"]["op_name"]
+        by_op[op] += e["dur"] / runs
+        if op in ("Conv", "FusedConv"):
+            shapes = [list(d.values())[0] for d in e["args"]["input_type_shape"]]
+            out = list(e["args"]["output_type_shape"][0].values())[0]
+            w = shapes[1]  # (out ch, in ch, kh, kw); the output may be in NCHWc blocks, so take H, W from it
+            conv_us += e["dur"] / runs
+            conv_flops += 2 * out[0] * w[0] * out[2] * out[3] * w[1] * w[2] * w[3] / runs
+    return dict(by_op), conv_us, conv_flops
+
+
+class _NoNorm(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def without_group_norm(module: nn.Module) -> nn.Module:
+    m = copy.deepcopy(module)
+    for parent in list(m.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                setattr(parent, name, _NoNorm())
+    return m
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    import onnxruntime
+
+    w = load_weights(a.weights)
+    cfg = w.unet.config
+    x = np.random.default_rng(0).standard_normal((1, cfg.in_channels, cfg.image_size, cfg.image_size), np.float32)
+    feeds = {"x": x, "t": np.array([500.0], np.float32)}
+    torch.set_num_threads(1)
+    peak1, _ = matmul_peak_flops(torch.device("cpu"), torch.float32)
+    torch.set_num_threads(2)
+    peak2, _ = matmul_peak_flops(torch.device("cpu"), torch.float32)
+    with tempfile.TemporaryDirectory() as d:
+        full, floor = Path(d) / "unet.onnx", Path(d) / "no-groupnorm.onnx"
+        export(w.unet, full)
+        export(without_group_norm(w.unet), floor)
+        timing = {}
+        for label, path in (("the runner's graph", full), ("every GroupNorm left out (floor)", floor)):
+            for threads, spin in ((1, False), (2, False), (2, True)):
+                timing[label, threads, spin] = ms_per_run(session(path, threads, spin), feeds)
+        prof = {threads: profile(full, feeds, threads) for threads in (1, 2)}
+
+    lines = ["# Where the batch-1 CPU forward goes (ONNX Runtime)", "",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+             f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}",
+             f"- weights: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels})",
+             f"- command: `python bench/runner_profile.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             f"- matmul peak (best of 512/1024/2048 square fp32 x 5): {peak1 / 1e9:.0f} GFLOP/s on 1 thread, "
+             f"{peak2 / 1e9:.0f} on 2", "",
+             "ms per batch-1 forward (best of 7 rounds of 60):", "",
+             "| graph | 1 thread | 2 threads | 2 threads, spinning |", "| --- | --- | --- | --- |"]
+    for label in ("the runner's graph", "every GroupNorm left out (floor)"):
+        lines.append(f"| {label} | " + " | ".join(f"{timing[label, t, s]:.2f}" for t, s in ((1, False), (2, False),
+                                                                                         (2, True))) + " |")
+    lines += ["", "ORT's profile of the runner's graph (the profiler adds its own cost to every op, so compare shares, "
+              "not totals):", "", "| op type | 1 thread, us per run | 2 threads spinning, us per run |",
+              "| --- | --- | --- |"]
+    ops1, ops2 = prof[1][0], prof[2][0]
+    for op in sorted(ops1, key=ops1.get, reverse=True)[:12]:
+        lines.append(f"| {op} | {ops1[op]:.0f} | {ops2.get(op, 0):.0f} |")
+    lines.append("")
+    for threads, peak in ((1, peak1), (2, peak2)):
+        _, us, flops = prof[threads]
+        rate = flops / us / 1e3
+        lines.append(f"- convolutions on {threads} thread(s): {us / 1e3:.2f} ms per forward for {flops / 1e9:.3f} "
+                     f"GFLOP = {rate:.0f} GFLOP/s, {100 * rate * 1e9 / peak:.0f}% of the {threads}-thread matmul peak")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
