@@ -98,7 +98,7 @@ class SamplerEngine:
         cfg = unet.config
         self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
         # Noise is drawn for several steps per call: fewer launches on CUDA; on CPU calls of ~256k values are the
-        # fastest per value (larger ones fall out of cache: 64 x 3x32x32 values for 21 steps at once cost 1.8x more
+        # fastest per value (larger ones fall out of cache: 64 x 3x32x32 values for 21 steps at once cost 1.7x more
         # per step than for one step).
         if noise_chunk_elems is None:
             noise_chunk_elems = 1 << 18 if self.device.type == "cpu" else 1 << 22

@@ -7,8 +7,8 @@ Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 
 cuRAND's and PyTorch's CUDA RNG, written in integer tensor ops so one call makes the noise for a whole batch on
 any device; normals from the Box-Muller transform. On CPU the integer rounds run in NumPy's uint64, where a 32x32-bit
 product is one multiply (torch has no uint64 multiply, so its int64 version splits each product in four): the same
-words, ~5x faster (bench/results/sampler-cpu.md), which matters at large batches where the noise of a step costs as
-much as a tenth of the U-Net's forward.
+words, ~5x faster (the rounds for 64 x 3x32x32 values: 14.6 -> 3.0 ms on 2 cores; a whole step's noise 14.9 -> 4.6
+ms), which matters at large batches, where the noise of a step cost a tenth of the U-Net's forward.
 """
 
 from __future__ import annotations

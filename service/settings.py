@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         "auto", description="auto: on CPU the U-Net on ONNX Runtime (else frozen TorchScript), one shard per "
         "thread; on CUDA graphs captured per batch-size bucket")
     spin_threads: bool = Field(False, description="on CPU, a batch with fewer rows than threads runs on ONNX "
-                               "Runtime threads that spin between ops: ~20% faster per step at batch 1 when the "
+                               "Runtime threads that spin between ops: 10-35% faster per step at batch 1 when the "
                                "service owns its cores, 1.1-1.7x slower beside a busy process (model/runner.py)")
     cache_dir: Path | None = Field(None, description="where the ONNX export of the U-Net is cached (default: "
                                    "$XDG_CACHE_HOME/celeba-ddpm or ~/.cache/celeba-ddpm)")
