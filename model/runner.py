@@ -12,9 +12,10 @@ The default on CPU (`auto`, fp32) is ONNX Runtime in shards: about 2x the TorchS
 fixed, not timed at start-up, so that the CLI and the service run the same kernels and give the same PNGs.
   - Spinning threads (`spin=True`, opt-in): a batch of fewer rows than cores leaves cores idle; with spin, those
     rows run on an ORT session with a spinning intra-op thread per core instead (batch 1 on 2 cores: 10-35%
-    faster per step alone, 1.1-1.7x slower beside a busy process: bench/results/thread-policy-cpu.md, hence off by default).
-    The outputs are the same bits either way. torch's own OpenMP pool stays PASSIVE: with OMP_WAIT_POLICY=ACTIVE
-    its spinning threads take the cores from ORT's and every step got 1.4-1.7x slower (measured at batch 1-64).
+    faster per step alone, 1.1-1.7x slower beside a busy process: bench/results/thread-policy-cpu.md, hence off
+    by default). The outputs are the same bits either way. torch's own OpenMP pool stays PASSIVE: with
+    OMP_WAIT_POLICY=ACTIVE its spinning threads take the cores from ORT's and every step got 1.4-1.7x slower
+    (measured at batch 1-64).
 Where onnxruntime or the export is unavailable the runner falls back to TorchScript, then eager, and says so
 (`mode`, shown in /v1/model and the model_info metric).
 
