@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -91,6 +91,21 @@ def header(title: str, argv, script: str = "bench/service_load.py") -> list[str]
             f"- command: `python {script} {' '.join(argv)}`", ""]
 
 
+def summary(measured, theirs: dict) -> list[str]:
+    """Median and best end-to-end seconds per (n, variant) of latency()'s requests."""
+    out = ["", "| n | service flags | requests | best s | median s | median speed-up over DDPMPipeline |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    groups: dict[tuple[int, str], list[float]] = {}
+    for variant, n, dt, _ in measured:
+        groups.setdefault((n, variant), []).append(dt)
+    for (n, variant), dts in groups.items():
+        med = float(np.median(dts))
+        up = f"{theirs[n] / med:.2f}x" if n in theirs else "-"
+        out.append(f"| {n} | {' '.join(VARIANTS[variant]) or 'defaults'} | {len(dts)} | {min(dts):.2f} | {med:.2f} | "
+                   f"{up} |")
+    return out
+
+
 VARIANTS = {"default": [], "spin": ["--spin-threads", "true"]}  # service flags measured side by side in latency
 
 
@@ -98,17 +113,19 @@ def latency(a, argv) -> str:
     """1000-step ddpm requests one at a time through the service; then, with the service stopped, the same
     weights in diffusers' DDPMPipeline (a plain diffusers deployment's compute) at the same batch sizes."""
     measured = []
-    for variant in a.variants:
-        with service(a.weights, a.max_batch[0], VARIANTS[variant]) as url:
+    with ExitStack() as stack:  # every variant's service up at once (an idle one sleeps), requests interleaved
+        urls = {v: stack.enter_context(service(a.weights, a.max_batch[0], VARIANTS[v])) for v in a.variants}
+        for r in range(a.repeat):
             for n in a.n:
-                for r in range(a.repeat):
+                for variant, url in urls.items():
                     t0 = time.perf_counter()
                     resp = httpx.post(url + "/generate", json={"n": n, "seed": r}, timeout=3600)
                     dt = time.perf_counter() - t0
                     assert resp.status_code == 200 and len(resp.json()["images"]) == n, resp.text[:200]
                     measured.append((variant, n, dt, resp.json()["timings"]))
                     print(f"{variant} n={n}: {dt:.2f} s", flush=True)
-            info = httpx.get(url + "/v1/model", timeout=10).json()
+        info = httpx.get(url + "/v1/model", timeout=10).json()
+    measured.sort(key=lambda m: (m[1], a.variants.index(m[0])))  # table rows by n, then variant
     runner, device, dtype_name = info.get("runner"), info.get("device", "cpu"), info.get("dtype", "fp32")
     theirs = {}
     if a.diffusers:
@@ -132,14 +149,16 @@ def latency(a, argv) -> str:
         "diffusers: the same weights in diffusers' DDPMPipeline (UNet2DModel via model/diffusers_compat.py, "
         f"DDPMScheduler with the same schedule and prediction type, no clipping), same batch size, {device} "
         f"{dtype_name}, run after the service stopped; it returns arrays, so it has no HTTP or PNG work to do. "
-        f"The service was ready {READY_S[0]:.1f} s after it started and ran the U-Net on its `{runner}` runner "
+        f"The services (one per variant, all up at once, requests interleaved: variant after variant, "
+        f"{a.repeat} round(s)) were ready {READY_S[0]:.1f} s after they started and ran the U-Net on the "
+        f"`{runner}` runner "
         "with OMP_WAIT_POLICY=PASSIVE (its setting); "
         "diffusers with OMP_WAIT_POLICY "
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default: its best alone)')}.",
         "",
         "| n | service flags | steps | service end-to-end s | queue s | generate s | diffusers DDPMPipeline s | "
         "service speed-up |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |"] + rows) + "\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"] + rows + summary(measured, theirs)) + "\n"
 
 
 def load(a, argv) -> str:
