@@ -31,7 +31,11 @@ from torch import nn  # noqa: E402
 
 from model.runner_onnx import export  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
+from runner import time_interleaved  # noqa: E402  (bench/runner.py)
 from sampler import matmul_peak_flops  # noqa: E402  (bench/sampler.py)
+
+OPTIONS = ((1, False), (2, False), (2, True))  # (ORT intra-op threads, spinning)
+ROUNDS = 9
 
 
 def session(path: Path, threads: int, spinning: bool, profile: bool = False):
@@ -46,17 +50,9 @@ def session(path: Path, threads: int, spinning: bool, profile: bool = False):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def ms_per_run(s, feeds, rounds: int = 7, n: int = 60) -> float:
-    """Best round's mean ms per run (after a warm-up)."""
-    for _ in range(20):
-        s.run(None, feeds)
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            s.run(None, feeds)
-        best = min(best, (time.perf_counter() - t0) / n * 1e3)
-    return best
+def as_fn(s):
+    """A session as `f(x, t)` on torch tensors, for bench/runner.py's interleaved timer."""
+    return lambda x, t: torch.from_numpy(s.run(None, {"x": x.contiguous().numpy(), "t": t.numpy()})[0])
 
 
 def profile(path: Path, feeds, threads: int, runs: int = 200) -> tuple[dict[str, float], float, float]:
@@ -116,10 +112,14 @@ def main(argv=None) -> None:
         full, floor = Path(d) / "unet.onnx", Path(d) / "no-groupnorm.onnx"
         export(w.unet, full)
         export(without_group_norm(w.unet), floor)
-        timing = {}
+        fns, floors = {}, set()
         for label, path in (("the runner's graph", full), ("every GroupNorm left out (floor)", floor)):
-            for threads, spin in ((1, False), (2, False), (2, True)):
-                timing[label, threads, spin] = ms_per_run(session(path, threads, spin), feeds)
+            for threads, spin in OPTIONS:
+                fns[label, threads, spin] = as_fn(session(path, threads, spin))
+                if path == floor:
+                    floors.add((label, threads, spin))
+        # interleaved rounds, the real graph checked against the module (the floor differs on purpose)
+        [(_, timing)] = time_interleaved(fns, w.unet, [1], ROUNDS, 0.3, unchecked=frozenset(floors))
         prof = {threads: profile(full, feeds, threads) for threads in (1, 2)}
 
     lines = ["# Where the batch-1 CPU forward goes (ONNX Runtime)", "",
@@ -129,11 +129,10 @@ def main(argv=None) -> None:
              f"- command: `python bench/runner_profile.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
              f"- matmul peak (best of 512/1024/2048 square fp32 x 5): {peak1 / 1e9:.0f} GFLOP/s on 1 thread, "
              f"{peak2 / 1e9:.0f} on 2", "",
-             "ms per batch-1 forward (best of 7 rounds of 60):", "",
+             f"ms per batch-1 forward, best (median) of {ROUNDS} interleaved rounds of ~0.3 s:", "",
              "| graph | 1 thread | 2 threads | 2 threads, spinning |", "| --- | --- | --- | --- |"]
     for label in ("the runner's graph", "every GroupNorm left out (floor)"):
-        lines.append(f"| {label} | " + " | ".join(f"{timing[label, t, s]:.2f}" for t, s in ((1, False), (2, False),
-                                                                                         (2, True))) + " |")
+        lines.append(f"| {label} | " + " | ".join("%.2f (%.2f)" % timing[label, t, s] for t, s in OPTIONS) + " |")
     lines += ["", "ORT's profile of the runner's graph (the profiler adds its own cost to every op, so compare shares, "
               "not totals):", "", "| op type | 1 thread, us per run | 2 threads spinning, us per run |",
               "| --- | --- | --- |"]
