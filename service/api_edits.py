@@ -26,11 +26,12 @@ from model.edit import MAX_PIXELS, interpolation_starts, mask_to_keep, to_model
 from model.images import auto_framing, frame, frame_box, grid, png_bytes
 
 from .api_jobs import job_info
-from .deps import Invalid, b64, encode_grid, encode_pngs, max_seed, max_steps, runtime, submit, wait_or_disconnect
+from .deps import (Invalid, b64, encode_grid, encode_pngs, job_timings, max_seed, max_steps, runtime, submit,
+                   wait_or_disconnect)
 from .runtime import Runtime
 from .scheduler import Job
 from .schemas import (ERRORS, EditRequest, EditResponse, Frame, Image, InterpolationRequest, InterpolationResponse,
-                      JobInfo, Timings)
+                      JobInfo)
 
 
 FORMATS = {"JPEG", "PNG", "WEBP", "BMP"}  # what Pillow reads that a photo or a mask should come as
@@ -193,8 +194,7 @@ def edits_router(auth) -> APIRouter:
                                 headers={"Location": f"/v1/jobs/{record.id}"})
         submit(rt, job, owner, kind="request", client=client)
         images = await wait_or_disconnect(request, rt, job)
-        timings = Timings(queue_s=round(job.started_at - job.enqueued_at, 6),
-                          generate_s=round(job.finished_at - job.started_at, 6))
+        timings = job_timings(job)
         if "image/png" in request.headers.get("accept", ""):
             content = await run_in_threadpool(encode_grid, rt, job, images)
             return Response(content, media_type="image/png", headers={"X-Seed": str(seed),
@@ -224,8 +224,7 @@ def edits_router(auth) -> APIRouter:
                   deadline=time.monotonic() + timeout if timeout else None)
         submit(rt, job, owner, kind="request", client=request.client.host if request.client else None)
         frames = await wait_or_disconnect(request, rt, job)
-        timings = Timings(queue_s=round(job.started_at - job.enqueued_at, 6),
-                          generate_s=round(job.finished_at - job.started_at, 6))
+        timings = job_timings(job)
 
         def encode() -> list[bytes]:
             return [png_bytes(f, {"seed_a": str(body.seed_a), "seed_b": str(body.seed_b), "frame": str(j),

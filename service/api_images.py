@@ -11,12 +11,12 @@ from fastapi.responses import Response, StreamingResponse
 
 from model.images import png_bytes
 
-from .deps import (Invalid, b64, check_limits, encode_grid, encode_pngs, new_job, runtime, submit,
-                   wait_or_disconnect)
+from .deps import (Invalid, b64, check_limits, encode_grid, encode_pngs, job_timings, new_job, runtime,
+                   submit, wait_or_disconnect)
 from .runtime import Runtime
 from .scheduler import JobError
 from .schemas import (ERRORS, GenerateRequest, GenerateResponse, Image, ImageData, ImageGenerationRequest,
-                      ImagesResponse, Timings)
+                      ImagesResponse)
 
 
 def images_router(auth) -> APIRouter:
@@ -32,8 +32,7 @@ def images_router(auth) -> APIRouter:
         job = new_job(rt, body, seed, steps)
         submit(rt, job, owner, kind="request", client=request.client.host if request.client else None)
         images = await wait_or_disconnect(request, rt, job)
-        timings = Timings(queue_s=round(job.started_at - job.enqueued_at, 6),
-                          generate_s=round(job.finished_at - job.started_at, 6))
+        timings = job_timings(job)
         if "image/png" in request.headers.get("accept", ""):
             content = await run_in_threadpool(encode_grid, rt, job, images)
             return Response(content, media_type="image/png", headers={

@@ -11,11 +11,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from model.images import png_bytes
 
-from .deps import Invalid, b64, check_limits, new_job, record_pngs, runtime, submit
+from .deps import Invalid, b64, check_limits, job_timings, new_job, record_pngs, runtime, submit
 from .jobs import Event, JobRecord, NotFound
 from .runtime import Runtime
 from .scheduler import TERMINAL, JobError
-from .schemas import ERRORS, JOB_ERRORS, MAX_PREVIEWS, Image, ImageProgress, JobErrorInfo, JobInfo, JobRequest, Timings
+from .schemas import ERRORS, JOB_ERRORS, MAX_PREVIEWS, Image, ImageProgress, JobErrorInfo, JobInfo, JobRequest
 
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
 EVENTS_EXAMPLE = ('event: running\ndata: {"step": 0, "steps": 2000, "eta_s": null}\n\n'
@@ -127,10 +127,7 @@ async def _stream(rt: Runtime, record: JobRecord):
 
 async def job_info(rt: Runtime, record: JobRecord) -> JobInfo:
     job, state = record.job, record.state
-    timings = None
-    if job.started_at is not None and job.finished_at is not None:
-        timings = Timings(queue_s=round(job.started_at - job.enqueued_at, 6),
-                          generate_s=round(job.finished_at - job.started_at, 6))
+    timings = job_timings(job)
     images = None
     if state == "succeeded":
         images = [Image(seed=job.seed + i, png=b64(p)) for i, p in enumerate(await record_pngs(rt, record))]

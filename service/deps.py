@@ -19,7 +19,7 @@ from model.images import grid, png_bytes, provenance
 from .jobs import JobRecord
 from .runtime import Runtime
 from .scheduler import Job, JobError
-from .schemas import MAX_SEED, GenerateRequest
+from .schemas import MAX_SEED, GenerateRequest, Timings
 
 
 class Unauthorized(Exception):
@@ -148,6 +148,14 @@ async def record_pngs(rt: Runtime, record: JobRecord) -> list[bytes]:
         images = record.job.future.result()
         record.pngs = await run_in_threadpool(encode_pngs, rt, record.job, images)
     return record.pngs
+
+
+def job_timings(job: Job) -> Timings | None:
+    """Seconds a finished job waited and ran (None until it has finished)."""
+    if job.started_at is None or job.finished_at is None:
+        return None
+    return Timings(queue_s=round(job.started_at - job.enqueued_at, 6),
+                   generate_s=round(job.finished_at - job.started_at, 6))
 
 
 def b64(data: bytes) -> str:
