@@ -4,9 +4,10 @@ Every CUDA-specific decision lives here, so the engine, the service and training
   pick_device         'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a concrete device ('cuda' gets an index: set_device
                       and NCCL need one); an index past the device count is refused now, not at the first kernel
   pick_dtype          'auto' = bf16 where the GPU runs it natively (Ampere and later), fp16 on older GPUs, fp32 on CPU
-  pick_memory_format  'auto' = channels_last on CPU (measured faster, bench/results/runner-cpu.md), contiguous on
-                      CUDA: GroupNorm there returns NCHW, which costs two transposes per GroupNorm in channels_last,
-                      until a GPU measurement says otherwise
+  pick_memory_format  'auto' = channels_last on CPU (measured faster for eager and TorchScript,
+                      bench/results/runner-cpu.md; the engine keeps NCHW where ONNX Runtime runs the U-Net, as it
+                      takes NCHW buffers), contiguous on CUDA: GroupNorm there returns NCHW, which costs two
+                      transposes per GroupNorm in channels_last, until a GPU measurement says otherwise
   StepTimer           step durations from CUDA events (the host does not wait for the GPU to read them), or the
                       host clock on CPU
   is_device_fault     a sticky device error after which the process must be restarted (not OOM, not a bug)

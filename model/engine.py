@@ -75,7 +75,8 @@ class StepOutput:
 
 
 class SamplerEngine:
-    """memory_format: 'auto' (model/device.py), 'channels_last', 'contiguous', or a torch.memory_format.
+    """memory_format: 'auto' (model/device.py; contiguous where the runner is ONNX Runtime, which takes NCHW),
+    'channels_last', 'contiguous', or a torch.memory_format.
     runner, workers, cache_dir, spin: how the U-Net runs (model/runner.py's ModelRunner).
 
     Exception-safe: `step()` computes the new state first and commits it only when nothing failed, so after an
@@ -88,12 +89,16 @@ class SamplerEngine:
                  cache_dir: Path | None = None, spin: bool = False):
         self.device = torch.device(device)
         self.dtype = dtype
+        auto_format = memory_format == "auto"
         if isinstance(memory_format, str):
             memory_format = pick_memory_format(memory_format, self.device)
         self.memory_format = memory_format
         self.unet = unet.to(self.device, dtype).eval().to(memory_format=self.memory_format)
         self.runner = ModelRunner(self.unet, self.device, dtype, self.memory_format, runner, workers, cache_dir,
                                   spin=spin)
+        if auto_format and self.runner.mode == "onnx":  # ORT takes NCHW: channels_last would cost 2 copies a step
+            self.memory_format = torch.contiguous_format
+            self.unet.to(memory_format=self.memory_format)
         self.diffusion = diffusion
         cfg = unet.config
         self.shape = (cfg.in_channels, cfg.image_size, cfg.image_size)

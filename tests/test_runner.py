@@ -176,6 +176,19 @@ def test_engine_gives_the_same_images_on_onnx_and_eager_and_onnx_is_batch_invari
     assert nearly_equal(together, eager) and nearly_equal(together, alone)
 
 
+def test_the_engine_feeds_onnx_runtime_nchw_unless_told_otherwise(unet, tmp_path):
+    """'auto' is channels_last on CPU (eager and TorchScript run faster so), but ORT takes NCHW buffers: converting
+    to channels_last and back would be two copies a step for nothing. An explicit setting is kept."""
+    d = Diffusion()
+    assert SamplerEngine(unet, d, runner="eager").memory_format == torch.channels_last
+    onnx = SamplerEngine(unet, d, runner="onnx", cache_dir=tmp_path)
+    assert onnx.runner.mode == "onnx" and onnx.memory_format == torch.contiguous_format
+    asked = SamplerEngine(unet, d, runner="onnx", cache_dir=tmp_path, memory_format="channels_last")
+    assert asked.memory_format == torch.channels_last
+    seeds = [3, 4]
+    assert np.array_equal(generate(onnx, seeds, "ddpm", 20), generate(asked, seeds, "ddpm", 20))
+
+
 def test_spinning_lends_a_small_batch_every_core_and_gives_the_same_bits(tmp_path):
     """With spin, a batch of fewer rows than workers runs on one ORT session with a thread per worker (spinning);
     larger batches keep single-threaded shards. Same outputs, bit for bit, at cpu32's size."""
