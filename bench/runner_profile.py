@@ -101,7 +101,7 @@ def without_group_norm(module: nn.Module) -> nn.Module:
 
 class _OneOp(nn.Module):
     def forward(self, x):
-        return torch.abs(x)  # one cheap NCHW elementwise node, outside ORT's NCHWc set: reordered around like a custom op
+        return torch.abs(x)  # one cheap NCHW node outside ORT's NCHWc set: reordered around, as a custom op
 
 
 def group_norm_as_one_op(module: nn.Module) -> nn.Module:
