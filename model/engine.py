@@ -259,9 +259,15 @@ class SamplerEngine:
             return StepOutput([], [])
         coef = self._table[self.offset + self.pos]
         t = coef[:, 0]
-        a, b, c, d, e, f = (coef[:, i].view(-1, 1, 1, 1) for i in range(1, 7))
-        x_in = self.x.to(self.dtype).contiguous(memory_format=self.memory_format)
-        out = self.runner(x_in, t).float()  # eps or v: the table folds in the conversion (model/diffusion.py)
+        a, b, c, d, e, f = coef[:, 1:, None, None, None].unbind(1)  # (B, 1, 1, 1) views
+        # Calls that would change nothing are skipped, not made: on a busy CPU every torch call between two forwards
+        # costs tens of microseconds (its code has gone cold), a few percent of a batch-1 step.
+        x_in = self.x
+        if x_in.dtype != self.dtype or not x_in.is_contiguous(memory_format=self.memory_format):
+            x_in = x_in.to(self.dtype).contiguous(memory_format=self.memory_format)
+        out = self.runner(x_in, t)  # eps or v: the table folds in the conversion (model/diffusion.py)
+        if out.dtype != torch.float32:
+            out = out.float()
         x = a * self.x + b * out
         z, zcol = None, -1  # without noisy rows no noise is drawn (a noisy row can only come back through add())
         if self._stochastic:
