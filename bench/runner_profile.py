@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from model.engine import SampleSpec, SamplerEngine  # noqa: E402
 from model.runner_onnx import export  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 from runner import time_interleaved  # noqa: E402  (bench/runner.py)
@@ -126,6 +128,58 @@ def silu_on_images_skipped():
         F.silu = real
 
 
+def step_vs_forward(w, cache: Path, steps: int = 200) -> dict[str, tuple[float, float]]:
+    """ms per batch-1 1000-step ddpm step, (best, median) of interleaved rounds: the engine's step() as the service
+    runs it with SPIN_THREADS, and the same runner's U-Net call alone on an input of the same shape."""
+    engine = SamplerEngine(w.unet, w.diffusion, cache_dir=cache, spin=True)
+    cfg = w.unet.config
+    x, t = torch.randn(1, cfg.in_channels, cfg.image_size, cfg.image_size), torch.tensor([500.0])
+
+    def engine_steps():
+        engine.add("bench", [SampleSpec(seed=0)])
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        dt = time.perf_counter() - t0
+        engine.cancel("bench")
+        return dt
+
+    def forward_calls():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.runner(x, t)
+        return time.perf_counter() - t0
+
+    fns = {"the engine's step()": engine_steps, "its U-Net call alone": forward_calls}
+    times = {name: [] for name in fns}
+    with torch.inference_mode():
+        for name, f in fns.items():
+            f()  # warm up
+        for _ in range(ROUNDS):
+            for name, f in fns.items():
+                times[name].append(f() / steps * 1e3)
+    engine.runner.close()
+    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+
+
+def call_after_pause(pauses_ms=(0, 1, 5, 20), calls: int = 200) -> dict[float, float]:
+    """us per torch.from_numpy on a (1, 3, 32, 32) array, median, right after a busy wait of each length: how much
+    a small torch call costs once its code has gone cold (the busy wait runs Python only; no data is touched)."""
+    a = np.zeros((1, 3, 32, 32), np.float32)
+    out = {}
+    for pause in pauses_ms:
+        samples = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < pause / 1e3:
+                pass
+            t1 = time.perf_counter()
+            torch.from_numpy(a)
+            samples.append((time.perf_counter() - t1) * 1e6)
+        out[pause] = statistics.median(samples)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
@@ -156,6 +210,8 @@ def main(argv=None) -> None:
         # interleaved rounds, the real graph checked against the module (the floor differs on purpose)
         [(_, timing)] = time_interleaved(fns, w.unet, [1], ROUNDS, 0.3, unchecked=frozenset(floors))
         prof = {threads: profile(full, feeds, threads) for threads in (1, 2)}
+        step = step_vs_forward(w, Path(d))
+    pauses = call_after_pause()
 
     lines = ["# Where the batch-1 CPU forward goes (ONNX Runtime)", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
@@ -180,6 +236,16 @@ def main(argv=None) -> None:
         rate = flops / us / 1e3
         lines.append(f"- convolutions on {threads} thread(s): {us / 1e3:.2f} ms per forward for {flops / 1e9:.3f} "
                      f"GFLOP = {rate:.0f} GFLOP/s, {100 * rate * 1e9 / peak:.0f}% of the {threads}-thread matmul peak")
+    (eb, em), (fb, fm) = step["the engine's step()"], step["its U-Net call alone"]
+    lines += ["", "The whole step, batch 1, 1000-step ddpm, as the service runs it with SPIN_THREADS (ms per step, "
+              f"best (median) of {ROUNDS} interleaved rounds of 200 steps):", "",
+              "| the engine's step() | its U-Net call alone | the rest of the step |", "| --- | --- | --- |",
+              f"| {eb:.2f} ({em:.2f}) | {fb:.2f} ({fm:.2f}) | {eb - fb:.2f} ({em - fm:.2f}) |", "",
+              "Why the rest costs more than its arithmetic: a small torch call (`torch.from_numpy` of one image), "
+              "median us, right after a busy wait of Python only:", "",
+              "| " + " | ".join(f"after {p} ms" for p in pauses) + " |",
+              "| " + " | ".join("---" for _ in pauses) + " |",
+              "| " + " | ".join(f"{v:.1f}" for v in pauses.values()) + " |"]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
