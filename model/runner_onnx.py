@@ -143,5 +143,8 @@ class OnnxUNet:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         """threads: ORT intra-op threads for this call (default: the constructor's)."""
-        x = x.contiguous()  # ONNX Runtime takes NCHW buffers
-        return torch.from_numpy(self.run(x.numpy(), t.to(torch.float32).numpy(), threads))
+        if not x.is_contiguous():  # ONNX Runtime takes NCHW buffers (a call that changes nothing still costs)
+            x = x.contiguous()
+        if t.dtype != torch.float32:
+            t = t.float()
+        return torch.from_numpy(self.run(x.numpy(), t.numpy(), threads))
