@@ -13,7 +13,10 @@ python bench/cpu_preset.py --out bench/results/cpu-preset.md
 python bench/thread_policy.py --out bench/results/thread-policy-cpu.md
 python bench/runner.py --weights $W --batch 1 4 16 64 --out bench/results/runner-cpu.md
 python bench/runner_backends.py --weights $W --batch 1 4 16 64 --out bench/results/runner-backends-cpu.md
-python bench/runner_profile.py --weights $W --out bench/results/runner-profile-cpu.md
+# With ONNX Runtime's API headers (bench/fused_group_norm.py: from Debian's libonnxruntime-dev) it also times the
+# fused GroupNorm+SiLU operator of bench/csrc/; ORT_INCLUDE=/tmp/ort/usr/include/onnxruntime, say.
+python bench/runner_profile.py --weights $W ${ORT_INCLUDE:+--ort-include "$ORT_INCLUDE"} \
+    --out bench/results/runner-profile-cpu.md
 python bench/sampler.py --weights $W --runner auto auto+spin --batch 1 4 16 64 --steps 1000 1000 100 50 --repeat 3 \
     --out bench/results/sampler-cpu.md
 env -u OMP_WAIT_POLICY python bench/service_load.py latency --weights $W --n 1 4 --variants default spin --repeat 5 \

@@ -2,9 +2,12 @@
 convolutions' FLOP/s against one core's and two cores' matmul peak, and two floors (wrong numbers both): the same
 graph with every GroupNorm left out (what the rest costs), and with every GroupNorm and the SiLU after it as one
 cheap elementwise node that ORT's NCHWc layout does not cover (what a fused GroupNorm+SiLU custom operator would
-cost at best, its layout reorders included).
+cost at best, its layout reorders included). With `--ort-include DIR` (ONNX Runtime's API headers), also the real
+thing: the graph with bench/csrc/group_norm_silu.cc's operator in place of each GroupNorm+SiLU, checked against the
+module like the runner's graph (bench/fused_group_norm.py). Then the whole step beside its forward, and why the rest
+of the step costs what it does.
 
-    python bench/runner_profile.py --out bench/results/runner-profile-cpu.md
+    python bench/runner_profile.py [--ort-include /tmp/ort/usr/include/onnxruntime] --out bench/results/...
 
 Why it exists: issue 21 asks for 1000 batch-1 steps in 3 s on this 2-core CPU, i.e. 3 ms per step. The profile says
 how close the kernels ORT has can come: if the convolutions alone, at the cores' matmul rate, leave no room for the
@@ -44,12 +47,15 @@ OPTIONS = ((1, False), (2, False), (2, True))  # (ORT intra-op threads, spinning
 ROUNDS = 9
 GRAPHS = ("the runner's graph", "every GroupNorm left out (floor)",
           "every GroupNorm+SiLU as one elementwise op (a fused kernel's best case)")
+FUSED_OP = "the runner's graph with its {} GroupNorm(+SiLU) as one custom operator (bench/csrc/group_norm_silu.cc)"
 
 
-def session(path: Path, threads: int, spinning: bool, profile: bool = False):
+def session(path: Path, threads: int, spinning: bool, profile: bool = False, library: Path | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if library is not None:  # the custom operator of bench/fused_group_norm.py
+        so.register_custom_ops_library(str(library))
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_free_dimension_override_by_name("batch", 1)
@@ -184,6 +190,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--out", default=None)
+    p.add_argument("--ort-include", default=None, help="ONNX Runtime's C/C++ API headers: adds a row with the fused "
+                   "GroupNorm+SiLU custom operator (bench/fused_group_norm.py says where to get them)")
     a = p.parse_args(argv)
     import onnxruntime
 
@@ -201,11 +209,21 @@ def main(argv=None) -> None:
         export(without_group_norm(w.unet), floor)
         with silu_on_images_skipped():
             export(group_norm_as_one_op(w.unet), fused)
+        graphs = dict(zip(GRAPHS, ((full, None), (floor, None), (fused, None))))
+        if a.ort_include:  # the real fused operator: numbers as the module's, so checked like the runner's graph
+            import onnx
+            from fused_group_norm import build, fuse  # bench/fused_group_norm.py
+
+            library, custom = build(a.ort_include, d), Path(d) / "custom-op.onnx"
+            model = onnx.load(str(full))
+            count = fuse(model)
+            onnx.save(model, str(custom))
+            graphs[FUSED_OP.format(count)] = (custom, library)
         fns, floors = {}, set()
-        for label, path in zip(GRAPHS, (full, floor, fused)):
+        for label, (path, library) in graphs.items():
             for threads, spin in OPTIONS:
-                fns[label, threads, spin] = as_fn(session(path, threads, spin))
-                if path != full:
+                fns[label, threads, spin] = as_fn(session(path, threads, spin, library=library))
+                if path in (floor, fused):
                     floors.add((label, threads, spin))
         # interleaved rounds, the real graph checked against the module (the floor differs on purpose)
         [(_, timing)] = time_interleaved(fns, w.unet, [1], ROUNDS, 0.3, unchecked=frozenset(floors))
@@ -222,7 +240,7 @@ def main(argv=None) -> None:
              f"{peak2 / 1e9:.0f} on 2", "",
              f"ms per batch-1 forward, best (median) of {ROUNDS} interleaved rounds of ~0.3 s:", "",
              "| graph | 1 thread | 2 threads | 2 threads, spinning |", "| --- | --- | --- | --- |"]
-    for label in GRAPHS:
+    for label in graphs:
         lines.append(f"| {label} | " + " | ".join("%.2f (%.2f)" % timing[label, t, s] for t, s in OPTIONS) + " |")
     lines += ["", "ORT's profile of the runner's graph (the profiler adds its own cost to every op, so compare shares, "
               "not totals):", "", "| op type | 1 thread, us per run | 2 threads spinning, us per run |",
