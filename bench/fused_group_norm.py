@@ -83,7 +83,7 @@ def fuse(model: onnx.ModelProto) -> int:
                               numpy_helper.from_array(beta, f"{name}_bias")])
         node = helper.make_node(OP, [before.input[0], f"{name}_scale", f"{name}_bias"], [out], name=name,
                                 domain=DOMAIN, num_groups=int(consts[norm.input[1]].shape[0]),
-                                epsilon=next(a.f for a in norm.attribute if a.name == "epsilon"), silu=silu)
+                                epsilon=next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5), silu=silu)
         g.node.insert(list(g.node).index(nodes[-1]), node)
         dead += nodes
         fused += 1
