@@ -98,29 +98,29 @@ class _NoNorm(nn.Module):
         return x
 
 
-def without_group_norm(module: nn.Module) -> nn.Module:
-    m = copy.deepcopy(module)
-    for parent in list(m.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.GroupNorm):
-                setattr(parent, name, _NoNorm())
-    return m
-
-
 class _OneOp(nn.Module):
     def forward(self, x):
         return torch.abs(x)  # one cheap NCHW node outside ORT's NCHWc set: reordered around, as a custom op
 
 
-def group_norm_as_one_op(module: nn.Module) -> nn.Module:
-    """Every GroupNorm, with the SiLU after it, as one cheap elementwise node: what a fused GroupNorm+SiLU custom
-    operator would cost at best (wrong numbers). Export it inside `silu_on_images_skipped()`."""
+def replace_group_norms(module: nn.Module, make: type[nn.Module]) -> nn.Module:
+    """A copy of the module with every GroupNorm replaced by `make()`."""
     m = copy.deepcopy(module)
     for parent in list(m.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.GroupNorm):
-                setattr(parent, name, _OneOp())
+                setattr(parent, name, make())
     return m
+
+
+def without_group_norm(module: nn.Module) -> nn.Module:
+    return replace_group_norms(module, _NoNorm)
+
+
+def group_norm_as_one_op(module: nn.Module) -> nn.Module:
+    """Every GroupNorm, with the SiLU after it, as one cheap elementwise node: what a fused GroupNorm+SiLU custom
+    operator would cost at best (wrong numbers). Export it inside `silu_on_images_skipped()`."""
+    return replace_group_norms(module, _OneOp)
 
 
 @contextlib.contextmanager
