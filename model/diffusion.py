@@ -99,11 +99,17 @@ class Diffusion:
                                (1 - self.alphas_cumprod).sqrt().to(device, dtype))
         return self._cast[key]
 
+    def _alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) = (sqrt(alphabar_t), sqrt(1 - alphabar_t)) of each row's t, shaped (B, 1, ..., 1) to
+        broadcast over `like`, in its dtype (improved-diffusion's _extract_into_tensor)."""
+        sa, s1a = self._sqrt_tables(like.device, like.dtype)
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return sa[t].view(shape), s1a[t].view(shape)
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Closed form: x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps."""
-        sa, s1a = self._sqrt_tables(x0.device, x0.dtype)
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        return sa[t].view(shape) * x0 + s1a[t].view(shape) * eps
+        alpha, sigma = self._alpha_sigma(t, x0)
+        return alpha * x0 + sigma * eps
 
     def q_step(self, x_prev: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
         """One forward step: x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps."""
@@ -114,9 +120,8 @@ class Diffusion:
         """eps_theta(x_t, t) from the network's output (itself for "eps"; sigma_t x_t + alpha_t v for "v")."""
         if self.config.prediction == "eps":
             return out
-        sa, s1a = self._sqrt_tables(x_t.device, x_t.dtype)
-        shape = (-1,) + (1,) * (x_t.dim() - 1)
-        return s1a[t].view(shape) * x_t + sa[t].view(shape) * out
+        alpha, sigma = self._alpha_sigma(t, x_t)
+        return sigma * x_t + alpha * out
 
     def training_loss(self, model, x0: torch.Tensor, t: torch.Tensor | None = None,
                       eps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:

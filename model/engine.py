@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .device import memory_allocated, pick_memory_format, release_cached_memory
-from .diffusion import MULTISTEP, STOCHASTIC, Diffusion
+from .diffusion import COEFS, MULTISTEP, STOCHASTIC, Diffusion
 from .noise import KNOWN_NOISE_BASE, SEED_LIMIT, gaussian
 from .runner import ModelRunner
 from .unet import UNet
@@ -108,7 +108,7 @@ class SamplerEngine:
         if noise_chunk_elems is None:
             noise_chunk_elems = 1 << 18 if self.device.type == "cpu" else 1 << 22
         self.noise_chunk_elems = noise_chunk_elems
-        self._table = torch.zeros(0, 7, dtype=torch.float32, device=self.device)
+        self._table = torch.zeros(0, 1 + len(COEFS), dtype=torch.float32, device=self.device)  # t, then COEFS
         self._landing = torch.zeros(0, 2, dtype=torch.float32, device=self.device)  # RePaint's noise levels
         self._table_offsets: dict[tuple, tuple[int, int]] = {}  # (sampler, steps, t_max, jumps) -> (offset, rows)
         self.rows: list[_Row] = []

@@ -191,7 +191,8 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy images; t: (B,) timestep indices in [0, T). Returns predicted eps."""
+        """x: (B, C, H, W) noisy images; t: (B,) timestep indices in [0, T). Returns (B, C, H, W): the weights'
+        prediction, eps or v (their schedule says which; model/diffusion.py turns either into eps)."""
         temb = self.temb(timestep_embedding(t, self.config.base_channels).to(x.dtype))
         h = self.conv_in(x)
         hs = [h]

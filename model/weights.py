@@ -135,7 +135,8 @@ def load_weights(path: str | os.PathLike = DEFAULT_WEIGHTS, device: str | torch.
                                  f"{'...' if len(unexpected) > 5 else ''}")
     for k, v in expected.items():
         if tuple(tensors[k].shape) != tuple(v.shape):
-            raise WeightsError(path, f"tensor {k} has shape {tuple(tensors[k].shape)}, the config needs {tuple(v.shape)}")
+            raise WeightsError(path, f"tensor {k} has shape {tuple(tensors[k].shape)}, "
+                                     f"the config needs {tuple(v.shape)}")
         if not tensors[k].is_floating_point():
             raise WeightsError(path, f"tensor {k} has dtype {tensors[k].dtype}, expected floating point")
     unet.load_state_dict({k: v.float() for k, v in tensors.items()})
