@@ -43,10 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="image folder, CelebA's img_align_celeba/, or a tar of images")
     p.add_argument("--range", dest="range_", default=None, help="keep images numbered FIRST-LAST, e.g. 1-8000")
-    p.add_argument("--framing", default="auto", choices=["auto", "celeba", "center"])
-    p.add_argument("--preset", default="cpu32", choices=sorted(PRESETS))
+    p.add_argument("--framing", default="auto", choices=["auto", "celeba", "center"],
+                   help="the square crop of each photo (train/data.py; auto: celeba for CelebA's aspect ratio)")
+    p.add_argument("--preset", default="cpu32", choices=sorted(PRESETS), help="U-Net size (model/unet.py PRESETS)")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="the betas over T = 1000 steps")
     p.add_argument("--prediction", default="v", choices=list(PREDICTIONS),
                    help="network output: v (default; learns high-noise steps reliably) or eps (Ho et al.); "
                         "both are sampled as eps predictors, see model/diffusion.py")
@@ -55,20 +56,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--steps", type=int, default=10000, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=64, help="global batch (split across processes)")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW's peak learning rate")
     p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                    help="after warm-up: constant, or cosine decay to 0 at --steps")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--sample-every", type=int, default=2000)
-    p.add_argument("--sample-sampler", default="ddim", choices=SAMPLERS)
-    p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--time-budget", type=float, default=None, help="stop (and checkpoint) after this many seconds, checked at log steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
+    p.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="decay of the weights' moving average (what samples and exports use)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every draw of every step")
+    p.add_argument("--log-every", type=int, default=50, help="steps between lines of metrics.jsonl")
+    p.add_argument("--sample-every", type=int, default=2000, help="steps between sample grids in samples/")
+    p.add_argument("--sample-sampler", default="ddim", choices=SAMPLERS, help="sampler for those grids")
+    p.add_argument("--sample-steps", type=int, default=50, help="its steps")
+    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (RUN_DIR/ckpt.pt)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="stop (and checkpoint) after this many seconds, checked at log steps")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
@@ -77,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.use_deterministic_algorithms: bitwise-repeatable runs on CUDA, slower")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs)")
     a = p.parse_args(argv)
     for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
         if getattr(a, name) < 1:
@@ -182,6 +185,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    # ---- processes and device: one, or one per GPU under torchrun ----------------------------------------
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     try:
@@ -208,6 +212,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     ckpt_path = out / "ckpt.pt"
 
+    # ---- what to train: the architecture and schedule from --preset, --init's weights or --resume's checkpoint --
     start_step, resumed, init = 0, None, None
     if a.init and not a.resume:
         try:
@@ -226,6 +231,7 @@ def main(argv=None) -> int:
         schedule = ScheduleConfig.from_dict(json.loads(resumed["schedule"]))
         start_step = int(resumed["step"])
 
+    # ---- data: decoded once into memory (train/data.py) ----------------------------------------------------
     try:
         data = load_images(a.data, cfg.image_size, range_=a.range_, framing=a.framing,
                            min_images=max(a.batch_size, 2), progress=is_main and not a.no_progress)
@@ -237,6 +243,7 @@ def main(argv=None) -> int:
         print(f"data: {len(data.names)} images from {data.source} at {cfg.image_size}x{cfg.image_size}"
               + (f", {len(data.skipped)} unreadable skipped (e.g. {data.skipped[0][0]})" if data.skipped else ""))
 
+    # ---- model, EMA copy, optimizer ---------------------------------------------------------------------
     diffusion = Diffusion(schedule)
     torch.manual_seed(a.seed)
     model = UNet(cfg).to(device).to(memory_format=memory_format)
@@ -261,6 +268,7 @@ def main(argv=None) -> int:
     per_rank = a.batch_size // world
     mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's part of each global-batch draw
 
+    # ---- run record: the commands behind these weights, metrics.jsonl, TensorBoard, checkpoints, samples -----
     command = "python -m train " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     meta = {"command": command, "data": str(a.data), "range": a.range_, "images": len(data.names),
             "preset": a.preset, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
@@ -297,6 +305,7 @@ def main(argv=None) -> int:
         imgs = generate(engine, list(range(16)), a.sample_sampler, min(a.sample_steps, diffusion.T), 16)
         (out / "samples" / f"step_{step:06d}.png").write_bytes(png_bytes(grid(imgs, 4)))
 
+    # ---- training loop -----------------------------------------------------------------------------------
     t0, last_t, last_step = time.time(), time.time(), start_step
     loss_acc, loss_n = torch.zeros((), device=device), 0
     bar = tqdm(total=a.steps, initial=start_step, desc="train", unit="step",
@@ -354,6 +363,7 @@ def main(argv=None) -> int:
         if out_of_time:
             break
     bar.close()
+    # ---- end: check that the ranks hold the same weights, close the logs ---------------------------------
     if distributed:
         vec = torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # channels_last: no .view
         ref = vec.clone()
