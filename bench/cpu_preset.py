@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.runner import ModelRunner  # noqa: E402
 from model.unet import PRESETS, UNet, UNetConfig, count_parameters  # noqa: E402
+from report import emit  # noqa: E402
 
 CANDIDATES = {
     "cpu32 (shipped): 32px, base 16, mult 1-2-4, 1 res block, attn 8": PRESETS["cpu32"],
@@ -61,7 +62,8 @@ def main(argv=None):
             flops = fc.get_total_flops() / b
         rows.append(f"| {name} | {count_parameters(m) / 1e6:.2f}M | {flops / 1e9:.3f} | "
                     f"{times['eager', 1] * 1e3:.1f} / {times['runner', 1] * 1e3:.1f} | "
-                    f"{times['eager', 4] * 1e3:.1f} / {times['runner', 4] * 1e3:.1f} | {times['runner', 4] * 1000:.0f} |")
+                    f"{times['eager', 4] * 1e3:.1f} / {times['runner', 4] * 1e3:.1f} | "
+                    f"{times['runner', 4] * 1000:.0f} |")
         print(rows[-1], flush=True)
     text = "\n".join([
         "# CPU preset: U-Net forward time of candidates", "",
@@ -71,9 +73,7 @@ def main(argv=None):
         "Forward times: eager / the service's runner (model/runner.py).", "",
         "| config | params | GFLOP/img | fwd b=1 ms | fwd b=4 ms | 1000 steps at b=4 with the runner, s (U-Net only) |",
         "| --- | --- | --- | --- | --- | --- |"] + rows) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(text, a.out)
 
 
 if __name__ == "__main__":

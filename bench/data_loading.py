@@ -17,6 +17,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.data import frame, load_images, to_model_range  # noqa: E402
+from report import emit  # noqa: E402
 
 TAR = Path(__file__).resolve().parent.parent.parent / "shared/data/celeba/img_align_celeba_89x109_000001-009000.tar"
 
@@ -47,19 +48,20 @@ def main(argv=None):
     per_batch = (time.perf_counter() - t0) / 10
     text = "\n".join([
         "# Data loading: decode once vs decode per batch", "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, 2 cores; images at {a.size}x{a.size}",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, 2 cores; "
+        f"images at {a.size}x{a.size}",
         f"- command: `python bench/data_loading.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
         "| what | time |", "| --- | --- |",
         f"| decode all 8,000 images once into a uint8 tensor ({s.images.numel() / 1e6:.1f} MB) | {decode_all:.1f} s |",
         f"| one batch of {a.batch} from the cache (index, to [-1, 1]) | {cached * 1e3:.2f} ms |",
-        f"| one batch of {a.batch} decoded from the tar (what a DataLoader worker does per batch) | {per_batch * 1e3:.0f} ms |",
-        "", f"A training step of the cpu32 preset at batch 64 takes about 1 s on these 2 cores, so decoding each batch",
-        f"would add about {per_batch * 100:.0f}% to every step and, with DataLoader workers, take cores from the model;",
+        f"| one batch of {a.batch} decoded from the tar (what a DataLoader worker does per batch) | "
+        f"{per_batch * 1e3:.0f} ms |",
+        "", "A training step of the cpu32 preset at batch 64 takes about 1 s on these 2 cores, so decoding each batch",
+        f"would add about {per_batch * 100:.0f}% to every step and, with DataLoader workers, take cores from the "
+        "model;",
         f"the cache costs {decode_all:.0f} s once and {cached * 1e3:.2f} ms per batch. On a GPU it is moved to device",
         "memory once.", ""])
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(text, a.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from report import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -107,9 +108,7 @@ def main() -> int:
         "| method | FID | KID |", "| --- | --- | --- |",
     ] + [f"| {name} | {fid:.1f} | {kid:.4f} ± {std:.4f} |" for name, fid, kid, std in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(text, a.out)
     return 0
 
 

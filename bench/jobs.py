@@ -23,7 +23,8 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_load import header, report, service  # noqa: E402
+from report import emit  # noqa: E402
+from service_load import header, service  # noqa: E402
 
 
 def watch(url: str, job_id: str, stop: threading.Event | None = None, counts: dict | None = None) -> None:
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     lines = previews(a, argv) if a.what == "previews" else streams(a, argv)
-    report(lines, a.out)
+    emit(lines, a.out, append=True)
     return 0
 
 

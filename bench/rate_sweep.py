@@ -22,7 +22,8 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_load import header, report, service  # noqa: E402
+from report import emit  # noqa: E402
+from service_load import header, service  # noqa: E402
 
 
 def step(url: str, rate: float, duration: float, body: dict) -> dict:
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     lines += [f"| {r['rate']:g} | {r['sent']} | {r['ok']} | {r['s503']} | {r['images_per_s']:.2f} | "
               f"{r['p50']:.2f} | {r['p99']:.2f} |" for r in rows]
     lines.append("")
-    report(lines, a.out)
+    emit(lines, a.out, append=True)
     if a.plot:
         import matplotlib
         matplotlib.use("Agg")

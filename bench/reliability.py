@@ -23,7 +23,8 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_load import header, report, service  # noqa: E402
+from report import emit  # noqa: E402
+from service_load import header, service  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLO = {"short": {"n": 4, "sampler": "dpm-solver++", "steps": 20}, "ddim": {"n": 2, "sampler": "ddim", "steps": 50},
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         lines += ["", f"Service RSS: {rss[0]:.0f} MB after warm-up, " +
                   ", ".join(f"{r:.0f} MB after run {i + 1}" for i, r in enumerate(rss[1:])) +
                   f" (growth across the two runs after the first: {rss[-1] - rss[1]:+.0f} MB; target < 50 MB).", ""]
-    report(lines, a.out)
+    emit(lines, a.out, append=True)
     return 0
 
 

@@ -3,7 +3,8 @@
 Interleaved rounds (A, B, C, A, B, C, ...) so a slow spell on a noisy machine hits every runner alike; the
 table shows the best round and the median, and each runner's speed-up over eager in the same run.
 
-    python bench/runner.py --weights weights/celeba32-cpu.safetensors --batch 1 4 16 64 --out bench/results/runner-cpu.md
+    python bench/runner.py --weights weights/celeba32-cpu.safetensors --batch 1 4 16 64 \
+        --out bench/results/runner-cpu.md
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 
 from model.runner import ModelRunner  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def time_interleaved(fns: dict, unet, batches: list[int], rounds: int, min_seconds: float,
@@ -97,10 +99,7 @@ def main() -> None:
         cells = [f"{res[n][0]:.1f} ({res[n][1]:.1f})" for n in names]
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {res[names[0]][0] / res[names[-1]][0]:.2f}x |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+    emit(text, a.out)
 
 
 if __name__ == "__main__":

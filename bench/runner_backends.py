@@ -28,6 +28,7 @@ from model.runner_onnx import OnnxUNet, export  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 from runner import time_interleaved  # noqa: E402  (bench/runner.py, this folder)
 from sampler import flops_per_image, matmul_peak_flops  # noqa: E402  (bench/sampler.py)
+from report import emit  # noqa: E402
 
 
 class OpenVinoUNet:
@@ -106,10 +107,7 @@ def main() -> None:
         pct = gflop * b / (res[runner][0] / 1e3) / peak * 100
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {res[names[1]][0] / res[runner][0]:.2f}x | {pct:.0f}% |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+    emit(text, a.out)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from model.runner_onnx import export  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 from runner import time_interleaved  # noqa: E402  (bench/runner.py)
 from sampler import matmul_peak_flops  # noqa: E402  (bench/sampler.py)
+from report import emit  # noqa: E402
 
 OPTIONS = ((1, False), (2, False), (2, True))  # (ORT intra-op threads, spinning)
 ROUNDS = 9
@@ -265,9 +266,7 @@ def main(argv=None) -> None:
               "| " + " | ".join("---" for _ in pauses) + " |",
               "| " + " | ".join(f"{v:.1f}" for v in pauses.values()) + " |"]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(text, a.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from model.diffusion import Diffusion, ScheduleConfig  # noqa: E402
 from model.engine import SamplerEngine, generate  # noqa: E402
 from model.unet import PRESETS, UNet  # noqa: E402
 from model.weights import LoadedWeights, load_weights  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def random_weights(preset: str) -> LoadedWeights:
@@ -177,10 +178,11 @@ def main(argv=None) -> int:
         f"{torch.__version__}",
         f"- command: `python bench/sampler.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- U-Net FLOPs per image per step: {flops / 1e9:.3f} GFLOP (FlopCounterMode); device peak measured as the "
-        f"best square matmul of {', '.join(map(str, peak_sizes(device)))} x 5 repeats: {peak / 1e9:.1f} GFLOP/s (at {peak_n}x{peak_n})",
-        f"- each side timed {a.repeat} time(s), interleaved; the best counts. \"of peak\": the best run's FLOP/s over the "
-        "peak above; the last column divides each run's FLOP/s by a matmul peak timed just before it (best of the "
-        "three sizes x 2), since this VM's speed moves within minutes",
+        f"best square matmul of {', '.join(map(str, peak_sizes(device)))} x 5 repeats: {peak / 1e9:.1f} GFLOP/s "
+        f"(at {peak_n}x{peak_n})",
+        f"- each side timed {a.repeat} time(s), interleaved; the best counts. \"of peak\": the best run's FLOP/s over "
+        "the peak above; the last column divides each run's FLOP/s by a matmul peak timed just before it (best of "
+        "the three sizes x 2), since this VM's speed moves within minutes",
         f"- OMP_WAIT_POLICY: ours {os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default)')}, diffusers "
         "unset (libgomp default, in its own process); our runner modes (model/runner.py): "
         f"{', '.join(sorted(set(modes)))}",
@@ -192,10 +194,7 @@ def main(argv=None) -> int:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     text = "\n".join(header + rows) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+    emit(text, a.out)
     return 0
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from report import emit
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_S: list[float] = []  # seconds from start to /readyz of each service() run (weights load, warm-up, capture)
 
@@ -73,15 +75,6 @@ def service(weights: str, max_batch: int, extra: list[str] | None = None, on_sta
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def report(lines: list[str], out: str | None) -> None:
-    """Print a results section and append it to `out` (a bench/results or docs file), if given."""
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out:
-        with open(out, "a") as f:
-            f.write(text + "\n")
 
 
 def header(title: str, argv, script: str = "bench/service_load.py") -> list[str]:
@@ -227,9 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     text = latency(a, argv) if a.mode == "latency" else load(a, argv)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(text, a.out)
     return 0
 
 

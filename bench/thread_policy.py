@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from report import emit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 POLICIES = {
@@ -134,9 +136,7 @@ def main(argv=None):
             cells = [" / ".join(f"{v:.1f}" for v in results[key, c]) for c in ("alone", "busy neighbour")]
             lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(text, a.out)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,8 @@ JOB_ERRORS = {404: {"model": Error, "description": "no such job, another key's j
 
 # The HTTP status for each reason a job is refused or ends without images (service/scheduler.py's JobError).
 REASON_STATUS = {
-    "rate_limited": 429, "queue_full": 503, "store_full": 503, "shutting_down": 503, "shutdown": 503, "worker_failed": 503, "oom": 503,
+    "rate_limited": 429, "queue_full": 503, "store_full": 503, "shutting_down": 503, "shutdown": 503,
+    "worker_failed": 503, "oom": 503,
     "deadline": 504, "failed": 500, "non_finite": 500, "cancelled": 409, "disconnect": 499, "server_cancelled": 503,
 }
 

@@ -52,7 +52,10 @@ def test_linear_schedule_values():
 def test_cosine_schedule():
     b = cosine_betas(1000)
     ab = torch.cumprod(1 - b, 0)
-    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    def f(t: float) -> float:  # Nichol & Dhariwal's f(t); alphabar_t = f(t) / f(0)
+        return math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+
     assert ab[499].item() == pytest.approx(f(500) / f(0), rel=1e-6)
     assert b.max().item() <= 0.999
     d = Diffusion(ScheduleConfig(kind="cosine"))  # the schedule the config names is the one built

@@ -336,7 +336,8 @@ def test_interpolations_route_returns_the_path_between_two_seeds(served):
     assert np.array_equal(frames[0], decode_png(ends[0])[0]) and np.array_equal(frames[-1], decode_png(ends[1])[0])
     strip = httpx.post(url + "/v1/interpolations", json={"seed_a": 3, "seed_b": 11, "frames": 5, "steps": 20},
                        headers={"Accept": "image/png"}, timeout=120)
-    assert strip.headers["content-type"] == "image/png" and Image.open(__import__("io").BytesIO(strip.content)).size[0] > 40
+    assert strip.headers["content-type"] == "image/png"
+    assert Image.open(__import__("io").BytesIO(strip.content)).size[0] > 40
     for bad in ({"seed_a": 1, "seed_b": 2, "frames": 1}, {"seed_a": 1, "seed_b": 2, "frames": 17},
                 {"seed_a": -1, "seed_b": 2}):
         assert httpx.post(url + "/v1/interpolations", json=bad, timeout=30).status_code == 422
@@ -351,7 +352,8 @@ def test_repaint_jumps_go_back_up_and_keep_the_known_pixels():
     assert all(abs(q - p) == 1 for p, q in zip(path, path[1:]))
     d = Diffusion()
     plain, jumped = d.coefficients("ddpm", 50), d.coefficients("ddpm", 50, jumps=(5, 3))
-    assert torch.equal(d.coefficients("ddpm", 50, jumps=(1, 1)), plain) and len(jumped) == len(repaint_path(50, 5, 3)) - 1
+    assert torch.equal(d.coefficients("ddpm", 50, jumps=(1, 1)), plain)
+    assert len(jumped) == len(repaint_path(50, 5, 3)) - 1
     up = jumped[:, 2] == 0  # forward steps: no network term, x_q = a x_p + c z with a^2 + c^2 = 1 (variance kept)
     assert up.sum() == 9 * 2 * 5 and torch.allclose(jumped[up, 1] ** 2 + jumped[up, 3] ** 2,
                                                              torch.ones(int(up.sum()), dtype=torch.float64))

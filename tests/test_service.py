@@ -15,7 +15,6 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.engine import SamplerEngine, generate
-from model.images import png_bytes, provenance
 from model.weights import file_sha256, load_weights
 from service.settings import Settings
 
@@ -51,7 +50,8 @@ def test_json_contract(served, tiny_weights):
     for i, im in enumerate(body["images"]):
         pixels, text = decode_png(im["png"])
         assert pixels.shape == (8, 8, 3)
-        assert text == {"seed": str(7 + i), "sampler": "ddim", "steps": "20", "weights_sha256": sha, "model": "tiny-test"}
+        assert text == {"seed": str(7 + i), "sampler": "ddim", "steps": "20", "weights_sha256": sha,
+                        "model": "tiny-test"}
         assert np.array_equal(pixels, expected[i])
 
 
@@ -77,7 +77,8 @@ def test_png_response_matches_offline_cli_for_the_full_ddpm_loop(served, tiny_we
 
 BAD = [
     ({"n": 0}, "n"), ({"n": 9}, "n: must be at most 8"), ({"n": "4"}, "n"), ({"n": 4.5}, "n"), ({"n": None}, "n"),
-    ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"seed": "7"}, "seed"), ({"seed": 2**53 - 1, "n": 2}, "seed: must be at most 9007199254740984"), ({"seed": 2**53}, "seed"),
+    ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"seed": "7"}, "seed"), ({"seed": 2**53}, "seed"),
+    ({"seed": 2**53 - 1, "n": 2}, "seed: must be at most 9007199254740984"),
     ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"), ({"sampler": "euler"}, "sampler"),
     ({"n": 1, "prompt": "a face"}, "prompt: Extra inputs are not permitted"), ({"weights": "/etc/passwd"}, "weights"),
     ({"deadline_s": 0}, "deadline_s"), ([1, 2], "body"),
@@ -144,7 +145,8 @@ def test_metrics_parse_and_move(served):
     url, _ = served
     text = httpx.get(url + "/metrics").text
     names = {f.name for f in text_string_to_metric_families(text)}
-    for n in ["celeba_ddpm_http_requests", "celeba_ddpm_http_request_duration_seconds", "celeba_ddpm_queue_wait_seconds",
+    for n in ["celeba_ddpm_http_requests", "celeba_ddpm_http_request_duration_seconds",
+              "celeba_ddpm_queue_wait_seconds",
               "celeba_ddpm_generation_duration_seconds", "celeba_ddpm_queue_depth_requests",
               "celeba_ddpm_active_samples", "celeba_ddpm_batch_size_samples", "celeba_ddpm_denoising_steps",
               "celeba_ddpm_images_generated", "celeba_ddpm_step_duration_seconds",
