@@ -121,7 +121,7 @@ async def parse_edit(request: Request) -> tuple[EditRequest, bytes, bytes | None
 
 
 def _validated(data) -> EditRequest:
-    """The body parsed by hand (two content types), its errors answered like any route's (app.py's handler)."""
+    """The body parsed by hand (two content types), its errors answered like any route's (errors.py)."""
     try:
         return EditRequest.model_validate(data)
     except ValidationError as e:

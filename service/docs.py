@@ -1,4 +1,5 @@
-"""The interactive API docs, /docs (Swagger UI) and /redoc (ReDoc), served by the app itself.
+"""The API's documents: the OpenAPI document with this service's limits in it, and the interactive docs, /docs
+(Swagger UI) and /redoc (ReDoc), served by the app itself.
 
 FastAPI's defaults load Swagger UI and ReDoc from public CDNs: a blank page on a GPU host without internet. This is
 FastAPI's documented self-hosting, with the files shipped in the fastapi-offline package (its version pins theirs).
@@ -9,16 +10,50 @@ so that opening either page sends no request off the host (tests/test_docs.py ch
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import fastapi_offline
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
+
+from .schemas import MAX_SEED
+from .settings import Settings
 
 ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 ASSETS_URL = "/static/docs"
 REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+def add_openapi_limits(app: FastAPI, settings: Settings, get_runtime: Callable) -> None:
+    """/openapi.json as FastAPI makes it, with this service's limits (settings' max_n and max_steps, and once the
+    runtime is up the model's size and name) in the request schemas, so clients and fuzzers see what it accepts."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                              description=app.description, routes=app.routes)
+            limit = min(1000, settings.max_steps or 1000)
+            for name in ("GenerateRequest", "JobRequest", "ImageGenerationRequest"):
+                props = doc["components"]["schemas"][name]["properties"]
+                props["n"]["maximum"] = settings.max_n
+                props["seed"]["anyOf"][0]["maximum"] = MAX_SEED - settings.max_n + 1  # deps.max_seed
+                props["steps"].update(maximum=limit, default=limit)
+            props = doc["components"]["schemas"]["InterpolationRequest"]["properties"]
+            props["steps"].update(maximum=limit, default=min(50, limit))
+            rt = get_runtime()
+            if rt is not None:  # what OpenAI's route accepts for size and model, for this model
+                res = rt.weights.unet.config.image_size
+                props = doc["components"]["schemas"]["ImageGenerationRequest"]["properties"]
+                props["size"] = {**props["size"], "anyOf": [{"enum": [f"{res}x{res}", "auto"]}, {"type": "null"}]}
+                props["model"] = {**props["model"], "anyOf": [{"enum": [rt.weights.name, "default"]},
+                                                              {"type": "null"}]}
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def add_docs(app: FastAPI) -> None:

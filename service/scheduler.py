@@ -46,7 +46,7 @@ CANCELLED = ("cancelled", "disconnect", "server_cancelled")  # reasons that end 
 
 class JobError(Exception):
     """Why a job was refused or ended without its images. `reason` is a word the API maps to an HTTP status
-    (service/app.py); `retry_after` (seconds) where trying again later can work.
+    (service/errors.py, by schemas.REASON_STATUS); `retry_after` (seconds) where trying again later can work.
     Refused: queue_full, store_full, shutting_down, worker_failed. Ended: deadline, shutdown (past the drain's
     grace), oom, failed (an error in a step), non_finite (an image came out NaN/Inf), worker_failed, and, as
     cancelled: cancelled (DELETE), disconnect, server_cancelled."""

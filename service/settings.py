@@ -11,7 +11,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from model.weights import default_weights
 
 
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CELEBA_DDPM_", extra="ignore")
 
