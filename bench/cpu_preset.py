@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.runner import ModelRunner  # noqa: E402
 from model.unet import PRESETS, UNet, UNetConfig, count_parameters  # noqa: E402
-from report import emit  # noqa: E402
+from report import command, emit  # noqa: E402
 
 CANDIDATES = {
     "cpu32 (shipped): 32px, base 16, mult 1-2-4, 1 res block, attn 8": PRESETS["cpu32"],
@@ -69,7 +69,7 @@ def main(argv=None):
         "# CPU preset: U-Net forward time of candidates", "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, fp32, channels_last, torch {torch.__version__}",
-        f"- command: `python bench/cpu_preset.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+        f"- command: `{command(__file__, argv)}`", "",
         "Forward times: eager / the service's runner (model/runner.py).", "",
         "| config | params | GFLOP/img | fwd b=1 ms | fwd b=4 ms | 1000 steps at b=4 with the runner, s (U-Net only) |",
         "| --- | --- | --- | --- | --- | --- |"] + rows) + "\n"

@@ -17,7 +17,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.data import frame, load_images, to_model_range  # noqa: E402
-from report import emit  # noqa: E402
+from report import command, emit  # noqa: E402
 
 TAR = Path(__file__).resolve().parent.parent.parent / "shared/data/celeba/img_align_celeba_89x109_000001-009000.tar"
 
@@ -50,7 +50,7 @@ def main(argv=None):
         "# Data loading: decode once vs decode per batch", "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, 2 cores; "
         f"images at {a.size}x{a.size}",
-        f"- command: `python bench/data_loading.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+        f"- command: `{command(__file__, argv)}`", "",
         "| what | time |", "| --- | --- |",
         f"| decode all 8,000 images once into a uint8 tensor ({s.images.numel() / 1e6:.1f} MB) | {decode_all:.1f} s |",
         f"| one batch of {a.batch} from the cache (index, to [-1, 1]) | {cached * 1e3:.2f} ms |",

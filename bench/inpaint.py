@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from report import emit
+from report import command, emit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -102,7 +102,7 @@ def main() -> int:
         f"# Inpainting the centre square (half the side) of {a.n} held-out faces ({a.range_}), {size}x{size}", "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, weights {w.name} ({w.sha256[:12]})",
-        f"- command: `python bench/inpaint.py {' '.join(sys.argv[1:])}`",
+        f"- command: `{command(__file__)}`",
         f"- RePaint: {repaint_s:.0f} s for {a.n} faces; known pixels back within 1/255: {100 * known_ok:.2f}%",
         "- FID/KID of the completed faces against the original faces (Inception pool features, 299x299)", "",
         "| method | FID | KID |", "| --- | --- | --- |",

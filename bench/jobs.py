@@ -60,7 +60,7 @@ def run_jobs(url: str, jobs: int, steps: int, preview_every: int) -> tuple[float
 
 
 def previews(a, argv) -> list[str]:
-    lines = header("Cost of previews (jobs)", argv, "bench/jobs.py")
+    lines = header("Cost of previews (jobs)", argv, __file__)
     lines += [f"{a.jobs} concurrent jobs of `{{\"n\": 1, \"steps\": {a.steps}}}` (ddpm), max batch {a.jobs}, each "
               "watched by one event stream; previews every 10 steps: x0 estimate for that row, uint8, PNG-encoded "
               "off the denoising thread, base64 on the stream.", "",
@@ -109,7 +109,7 @@ def hold(url: str, job_id: str, count: int, stop: threading.Event) -> None:
 
 
 def streams(a, argv) -> list[str]:
-    lines = header("Cost of open event streams", argv, "bench/jobs.py")
+    lines = header("Cost of open event streams", argv, __file__)
     body = json.loads(a.body)
     rows = []
     with service(a.weights, 16) as url:

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
             if rows[-1]["s503"] > 0.5 * rows[-1]["sent"]:
                 break  # well past the knee
-    lines = header("Open-loop rate sweep", argv, "bench/rate_sweep.py")
+    lines = header("Open-loop rate sweep", argv, __file__)
     lines += [f"`/generate` with `{a.body}` at a fixed offered rate for {a.duration:g} s per step, max batch 16, "
               f"queue {a.queue_size}.", "", "| offered req/s | sent | answered 200 | 503 (queue full) | images/s | "
               "p50 s | p99 s |", "|---|---|---|---|---|---|---|"]

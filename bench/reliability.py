@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     lines = header(f"Reliability under mixed load ({a.users} Locust users, {a.runs} x {a.duration} s)", argv,
-                   "bench/reliability.py")
+                   __file__)
     procs = []
     # the service's own defaults: max batch 16, queue 64
     with service(a.weights, 16, ["--queue-size", "64"], on_start=procs.append) as url:

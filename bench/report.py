@@ -3,7 +3,16 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
+
+
+def command(script: str, argv: list[str] | None = None) -> str:
+    """The command line that ran `script` (its __file__) with `argv` (default: this process's), as a results file
+    records it: `python bench/NAME.py ARGS`, quoted so that it can be pasted back."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"bench/{Path(script).name}", *map(shlex.quote, args)])
 
 
 def emit(text: str | list[str], out: str | None, append: bool = False) -> None:

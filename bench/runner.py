@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from model.runner import ModelRunner  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
-from report import emit  # noqa: E402
+from report import command, emit  # noqa: E402
 
 
 def time_interleaved(fns: dict, unet, batches: list[int], rounds: int, min_seconds: float,
@@ -88,8 +88,7 @@ def main() -> None:
         f"{threads} torch threads, fp32, channels_last, torch {torch.__version__}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
         f"- weights: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels})",
-        f"- command: `python bench/runner.py --weights {a.weights} --batch {' '.join(map(str, a.batch))}"
-        + (f" --out {a.out}`" if a.out else "`"),
+        f"- command: `{command(__file__)}`",
         f"- {a.rounds} interleaved rounds; ms per forward, best round (median); speed-up of the best over eager's best",
         "",
         "| batch | " + " | ".join(names) + " | speed-up, sharded script |",

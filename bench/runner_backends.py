@@ -28,7 +28,7 @@ from model.runner_onnx import OnnxUNet, export  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 from runner import time_interleaved  # noqa: E402  (bench/runner.py, this folder)
 from sampler import flops_per_image, matmul_peak_flops  # noqa: E402  (bench/sampler.py)
-from report import emit  # noqa: E402
+from report import command, emit  # noqa: E402
 
 
 class OpenVinoUNet:
@@ -94,8 +94,7 @@ def main() -> None:
         f"- weights: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels}), {gflop:.3f} GFLOP per "
         f"image per forward (torch's FlopCounterMode)",
         f"- matmul peak: {peak:.0f} GFLOP/s (best of 512/1024/2048 square fp32 matmuls x 5 repeats, at {peak_at})",
-        f"- command: `python bench/runner_backends.py --batch {' '.join(map(str, a.batch))}"
-        + (f" --out {a.out}`" if a.out else "`"),
+        f"- command: `{command(__file__)}`",
         f"- {a.rounds} interleaved rounds; ms per forward, best round (median); the last two columns are the "
         "runner's (ORT, sharded)",
         "",

@@ -42,7 +42,7 @@ from model.runner_onnx import export  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 from runner import time_interleaved  # noqa: E402  (bench/runner.py)
 from sampler import matmul_peak_flops  # noqa: E402  (bench/sampler.py)
-from report import emit  # noqa: E402
+from report import command, emit  # noqa: E402
 
 OPTIONS = ((1, False), (2, False), (2, True))  # (ORT intra-op threads, spinning)
 ROUNDS = 9
@@ -236,7 +236,7 @@ def main(argv=None) -> None:
              f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
              f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}",
              f"- weights: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels})",
-             f"- command: `python bench/runner_profile.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             f"- command: `{command(__file__, argv)}`",
              f"- matmul peak (best of 512/1024/2048 square fp32 x 5): {peak1 / 1e9:.0f} GFLOP/s on 1 thread, "
              f"{peak2 / 1e9:.0f} on 2", "",
              f"ms per batch-1 forward, best (median) of {ROUNDS} interleaved rounds of ~0.3 s:", "",

@@ -32,7 +32,7 @@ from model.diffusion import Diffusion, ScheduleConfig  # noqa: E402
 from model.engine import SamplerEngine, generate  # noqa: E402
 from model.unet import PRESETS, UNet  # noqa: E402
 from model.weights import LoadedWeights, load_weights  # noqa: E402
-from report import emit  # noqa: E402
+from report import command, emit  # noqa: E402
 
 
 def random_weights(preset: str) -> LoadedWeights:
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()} {torch.get_num_threads()} threads"
         f" ({platform.processor() or 'cpu'}), device {device}, dtype {str(dtype).split('.')[-1]}, torch "
         f"{torch.__version__}",
-        f"- command: `python bench/sampler.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- command: `{command(__file__, argv)}`",
         f"- U-Net FLOPs per image per step: {flops / 1e9:.3f} GFLOP (FlopCounterMode); device peak measured as the "
         f"best square matmul of {', '.join(map(str, peak_sizes(device)))} x 5 repeats: {peak / 1e9:.1f} GFLOP/s "
         f"(at {peak_n}x{peak_n})",

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from report import emit
+from report import command, emit
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_S: list[float] = []  # seconds from start to /readyz of each service() run (weights load, warm-up, capture)
@@ -77,11 +77,11 @@ def service(weights: str, max_batch: int, extra: list[str] | None = None, on_sta
             proc.kill()
 
 
-def header(title: str, argv, script: str = "bench/service_load.py") -> list[str]:
+def header(title: str, argv, script: str = __file__) -> list[str]:
     return [f"# {title}", "",
             f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
             f"python {platform.python_version()}",
-            f"- command: `python {script} {' '.join(argv)}`", ""]
+            f"- command: `{command(script, argv)}`", ""]
 
 
 def summary(measured, theirs: dict) -> list[str]:

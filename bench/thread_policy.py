@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from report import emit
+from report import command, emit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,7 +120,7 @@ def main(argv=None):
     lines = [f"# OpenMP thread policy: cpu32 U-Net forward at batch {a.batch}, 2 threads",
              "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores",
-             f"- command: `python bench/thread_policy.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             f"- command: `{command(__file__, argv)}`",
              f"- median ms of {a.reps} forwards per run; {a.rounds} interleaved rounds (each run listed)",
              "",
              "| policy | alone, ms | busy neighbour, ms |",

@@ -1,7 +1,9 @@
-"""The benchmark scripts under bench/ stay runnable: each one parses its flags, which imports all it needs, and they
-all report through bench/report.py. (The benchmarks themselves are timed runs, never tests: README, Performance.)"""
+"""The benchmark scripts under bench/ stay runnable: each one parses its flags, which imports all it needs; the CPU
+forward and sampler benchmarks run end to end on the tiny model; they all report through bench/report.py. (What they
+time is never asserted here: the figures are in bench/results/, README "Performance".)"""
 
 import re
+import shlex
 import subprocess
 import sys
 
@@ -32,6 +34,40 @@ def test_benchmark_script_imports_and_parses_its_flags(script):
         pytest.skip(f"{script.name} needs {missing.group(1)}, from the bench extra (pip install -e '.[bench]')")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("usage: "), r.stdout[:500]
+
+
+# the benchmarks behind the CPU figures, each cut to a few seconds on the 8x8 test model
+TINY_RUNS = {
+    "runner.py": ["--batch", "1", "2", "--rounds", "1", "--min-seconds", "0.05"],
+    "runner_backends.py": ["--batch", "1", "--rounds", "1", "--min-seconds", "0.05"],
+    "sampler.py": ["--batch", "1", "--steps", "5", "--repeat", "1"],
+}
+
+
+@pytest.mark.parametrize("script", TINY_RUNS)
+def test_benchmark_runs_on_the_tiny_model_and_writes_its_table(script, tiny_weights, tmp_path):
+    out = tmp_path / "results" / "bench.md"
+    argv = ["--weights", str(tiny_weights), *TINY_RUNS[script], "--out", str(out)]
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *argv], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    missing = re.search(r"No module named '(\w+)", r.stderr)
+    if r.returncode and missing and missing.group(1) in bench_extra():  # runner_backends.py times OpenVINO too
+        pytest.skip(f"{script} needs {missing.group(1)}, from the bench extra (pip install -e '.[bench]')")
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert text in r.stdout  # what it printed is what it wrote
+    assert f"- command: `python bench/{script} {shlex.join(argv)}`" in text  # the exact command, to run it again
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1 and "nan" not in rows[0] and "inf" not in rows[0], text
+
+
+def test_command_records_the_arguments_quoted(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from report import command
+
+    assert command("/x/bench/sampler.py", ["--out", "a b.md"]) == "python bench/sampler.py --out 'a b.md'"
+    monkeypatch.setattr(sys, "argv", ["bench/runner.py", "--batch", "1"])
+    assert command("/x/bench/runner.py") == "python bench/runner.py --batch 1"
 
 
 def test_report_writes_or_appends_the_printed_section(tmp_path, capsys, monkeypatch):
