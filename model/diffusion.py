@@ -30,14 +30,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-SAMPLERS = ("ddpm", "ddpm-posterior", "ddim", "dpm-solver++")
+Sampler = Literal["ddpm", "ddpm-posterior", "ddim", "dpm-solver++"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 STOCHASTIC = ("ddpm", "ddpm-posterior")  # samplers that add noise z at each step (all but the last)
 MULTISTEP = ("dpm-solver++",)  # samplers that need the previous step's x0 estimate
 COEFS = ("a", "b", "c", "d", "e", "f")
-PREDICTIONS = ("eps", "v")
+Prediction = Literal["eps", "v"]  # what the network outputs (module docstring)
+PREDICTIONS: tuple[str, ...] = get_args(Prediction)
+ScheduleKind = Literal["linear", "cosine"]
 
 
 def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -53,14 +57,14 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> to
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    kind: str = "linear"
+    kind: ScheduleKind = "linear"
     num_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    prediction: str = "eps"  # what the network outputs: "eps" or "v" (see the module docstring)
+    prediction: Prediction = "eps"  # what the network outputs (see the module docstring)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "cosine"):
+        if self.kind not in get_args(ScheduleKind):
             raise ValueError(f"unknown schedule kind {self.kind!r} (expected 'linear' or 'cosine')")
         if self.num_timesteps < 2:
             raise ValueError("num_timesteps must be at least 2")
@@ -162,13 +166,13 @@ class Diffusion:
             ts[k] = min(max(ts[k], ts[k + 1] + 1), t_max - k)
         return torch.tensor(ts)
 
-    def coefficients(self, sampler: str, steps: int, t_max: int | None = None, jumps: tuple[int, int] = (1, 1)
+    def coefficients(self, sampler: Sampler, steps: int, t_max: int | None = None, jumps: tuple[int, int] = (1, 1)
                      ) -> torch.Tensor:
         """A (rows, 7) float64 table: timestep, then a, b, c, d, e, f for each step (see module docstring), over
         the chain from t_max (default T-1) down to 0. rows = steps, or more with RePaint's jumps (below)."""
         return self._schedule(sampler, steps, t_max, jumps)[0]
 
-    def landing(self, sampler: str, steps: int, t_max: int | None = None, jumps: tuple[int, int] = (1, 1)
+    def landing(self, sampler: Sampler, steps: int, t_max: int | None = None, jumps: tuple[int, int] = (1, 1)
                 ) -> torch.Tensor:
         """A (rows, 2) float64 table: (sqrt(alphabar), sqrt(1 - alphabar)) of the timestep each step lands on
         ((1, 0) on x_0, after the last): what RePaint needs to noise the known pixels to the level of the new x."""

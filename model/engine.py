@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .device import memory_allocated, pick_memory_format, release_cached_memory
-from .diffusion import COEFS, MULTISTEP, STOCHASTIC, Diffusion
+from .diffusion import COEFS, MULTISTEP, STOCHASTIC, Diffusion, Sampler
 from .noise import KNOWN_NOISE_BASE, SEED_LIMIT, gaussian
 from .runner import ModelRunner
 from .unet import UNet
@@ -36,7 +36,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class SampleSpec:
     seed: int
-    sampler: str = "ddpm"
+    sampler: Sampler = "ddpm"
     steps: int = 1000
     preview_every: int = 0  # > 0: report the x0 estimate after every k-th step (and after the last)
     t_max: int | None = None  # the chain's first timestep (default T-1); lower: SDEdit from a given image
@@ -331,7 +331,7 @@ def run(engine: SamplerEngine, specs: list[SampleSpec], edits: list[Edit | None]
     return np.stack([out[i] for i in range(len(specs))])
 
 
-def generate(engine: SamplerEngine, seeds: list[int], sampler: str = "ddpm", steps: int = 1000,
+def generate(engine: SamplerEngine, seeds: list[int], sampler: Sampler = "ddpm", steps: int = 1000,
              batch_size: int = 16, progress=None) -> np.ndarray:
     """Images for `seeds` (N, H, W, C uint8), `batch_size` at a time: plain sampling through run()."""
     return run(engine, [SampleSpec(s, sampler, steps) for s in seeds], None, batch_size, progress)

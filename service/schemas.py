@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from model.diffusion import SAMPLERS
+from model.diffusion import Sampler as SamplerName  # model/diffusion.py's list, one place
 from model.noise import SEED_LIMIT
 
 # The engine takes seeds up to 2^63 - 1 (python -m model.sample does). Over HTTP a seed is a JSON number, and
@@ -29,7 +29,6 @@ class _Request(BaseModel):
             return data
         return {k: int(v) if k in INT_FIELDS and isinstance(v, float) and v.is_integer() and abs(v) < 2**63 else v
                 for k, v in data.items()}
-SamplerName = Literal[SAMPLERS]  # model/diffusion.py's list, one place
 
 
 class GenerateRequest(_Request):
