@@ -185,7 +185,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    # ---- processes and device: one, or one per GPU under torchrun ----------------------------------------
+    # ---- processes and device: one, or one per GPU under torchrun ------------------------------------------------
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     try:
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     ckpt_path = out / "ckpt.pt"
 
-    # ---- what to train: the architecture and schedule from --preset, --init's weights or --resume's checkpoint --
+    # ---- what to train: the architecture and schedule from --preset, --init's weights or --resume's checkpoint ---
     start_step, resumed, init = 0, None, None
     if a.init and not a.resume:
         try:
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         schedule = ScheduleConfig.from_dict(json.loads(resumed["schedule"]))
         start_step = int(resumed["step"])
 
-    # ---- data: decoded once into memory (train/data.py) ----------------------------------------------------
+    # ---- data: decoded once into memory (train/data.py) ----------------------------------------------------------
     try:
         data = load_images(a.data, cfg.image_size, range_=a.range_, framing=a.framing,
                            min_images=max(a.batch_size, 2), progress=is_main and not a.no_progress)
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         print(f"data: {len(data.names)} images from {data.source} at {cfg.image_size}x{cfg.image_size}"
               + (f", {len(data.skipped)} unreadable skipped (e.g. {data.skipped[0][0]})" if data.skipped else ""))
 
-    # ---- model, EMA copy, optimizer ---------------------------------------------------------------------
+    # ---- model, EMA copy, optimizer ------------------------------------------------------------------------------
     diffusion = Diffusion(schedule)
     torch.manual_seed(a.seed)
     model = UNet(cfg).to(device).to(memory_format=memory_format)
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     per_rank = a.batch_size // world
     mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's part of each global-batch draw
 
-    # ---- run record: the commands behind these weights, metrics.jsonl, TensorBoard, checkpoints, samples -----
+    # ---- run record: the commands behind these weights, metrics.jsonl, TensorBoard, checkpoints, samples ---------
     command = "python -m train " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     meta = {"command": command, "data": str(a.data), "range": a.range_, "images": len(data.names),
             "preset": a.preset, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
         imgs = generate(engine, list(range(16)), a.sample_sampler, min(a.sample_steps, diffusion.T), 16)
         (out / "samples" / f"step_{step:06d}.png").write_bytes(png_bytes(grid(imgs, 4)))
 
-    # ---- training loop -----------------------------------------------------------------------------------
+    # ---- training loop -------------------------------------------------------------------------------------------
     t0, last_t, last_step = time.time(), time.time(), start_step
     loss_acc, loss_n = torch.zeros((), device=device), 0
     bar = tqdm(total=a.steps, initial=start_step, desc="train", unit="step",
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
         if out_of_time:
             break
     bar.close()
-    # ---- end: check that the ranks hold the same weights, close the logs ---------------------------------
+    # ---- end: check that the ranks hold the same weights, close the logs -----------------------------------------
     if distributed:
         vec = torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # channels_last: no .view
         ref = vec.clone()
