@@ -65,7 +65,8 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(ScheduleKind):
-            raise ValueError(f"unknown schedule kind {self.kind!r} (expected 'linear' or 'cosine')")
+            raise ValueError(f"unknown schedule kind {self.kind!r} "
+                             f"(expected one of {', '.join(get_args(ScheduleKind))})")
         if self.num_timesteps < 2:
             raise ValueError("num_timesteps must be at least 2")
         if self.prediction not in PREDICTIONS:

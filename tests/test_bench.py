@@ -21,6 +21,16 @@ def bench_extra() -> set[str]:
     return {re.split(r"[<>=\[]", req)[0].strip().replace("-", "_") for req in re.findall(r'"([^"]+)"', line)}
 
 
+def run_bench(script: str, argv: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """`python bench/SCRIPT ARGV`; skipped with the reason where it needs a module of the bench extra."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *argv], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout)
+    missing = re.search(r"No module named '(\w+)", r.stderr)
+    if r.returncode and missing and missing.group(1) in bench_extra():
+        pytest.skip(f"{script} needs {missing.group(1)}, from the bench extra (pip install -e '.[bench]')")
+    return r
+
+
 def test_every_benchmark_script_is_found():
     names = {p.name for p in SCRIPTS}
     assert {"runner.py", "runner_profile.py", "sampler.py", "service_load.py", "thread_policy.py"} <= names
@@ -28,10 +38,7 @@ def test_every_benchmark_script_is_found():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_benchmark_script_imports_and_parses_its_flags(script):
-    r = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    missing = re.search(r"No module named '(\w+)", r.stderr)
-    if r.returncode and missing and missing.group(1) in bench_extra():
-        pytest.skip(f"{script.name} needs {missing.group(1)}, from the bench extra (pip install -e '.[bench]')")
+    r = run_bench(script.name, ["--help"], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("usage: "), r.stdout[:500]
 
@@ -48,11 +55,7 @@ TINY_RUNS = {
 def test_benchmark_runs_on_the_tiny_model_and_writes_its_table(script, tiny_weights, tmp_path):
     out = tmp_path / "results" / "bench.md"
     argv = ["--weights", str(tiny_weights), *TINY_RUNS[script], "--out", str(out)]
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *argv], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    missing = re.search(r"No module named '(\w+)", r.stderr)
-    if r.returncode and missing and missing.group(1) in bench_extra():  # runner_backends.py times OpenVINO too
-        pytest.skip(f"{script} needs {missing.group(1)}, from the bench extra (pip install -e '.[bench]')")
+    r = run_bench(script, argv, timeout=300)  # runner_backends.py times OpenVINO too
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert text in r.stdout  # what it printed is what it wrote
