@@ -107,8 +107,7 @@ def main() -> int:
         "- FID/KID of the completed faces against the original faces (Inception pool features, 299x299)", "",
         "| method | FID | KID |", "| --- | --- | --- |",
     ] + [f"| {name} | {fid:.1f} | {kid:.4f} ± {std:.4f} |" for name, fid, kid, std in rows]
-    text = "\n".join(lines) + "\n"
-    emit(text, a.out)
+    emit(lines, a.out)
     return 0
 
 

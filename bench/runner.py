@@ -97,8 +97,7 @@ def main() -> None:
     for b, res in rows:
         cells = [f"{res[n][0]:.1f} ({res[n][1]:.1f})" for n in names]
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {res[names[0]][0] / res[names[-1]][0]:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    emit(text, a.out)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -105,8 +105,7 @@ def main() -> None:
         cells = [f"{res[n][0]:.2f} ({res[n][1]:.2f})" for n in names]
         pct = gflop * b / (res[runner][0] / 1e3) / peak * 100
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {res[names[1]][0] / res[runner][0]:.2f}x | {pct:.0f}% |")
-    text = "\n".join(lines) + "\n"
-    emit(text, a.out)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -265,8 +265,7 @@ def main(argv=None) -> None:
               "| " + " | ".join(f"after {p} ms" for p in pauses) + " |",
               "| " + " | ".join("---" for _ in pauses) + " |",
               "| " + " | ".join(f"{v:.1f}" for v in pauses.values()) + " |"]
-    text = "\n".join(lines) + "\n"
-    emit(text, a.out)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

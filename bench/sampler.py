@@ -193,8 +193,7 @@ def main(argv=None) -> int:
         "| of peak | of the peak timed just before, each repeat |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    text = "\n".join(header + rows) + "\n"
-    emit(text, a.out)
+    emit(header + rows, a.out)
     return 0
 
 

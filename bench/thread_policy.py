@@ -135,8 +135,7 @@ def main(argv=None):
             key = f"{name}, batch {b}"
             cells = [" / ".join(f"{v:.1f}" for v in results[key, c]) for c in ("alone", "busy neighbour")]
             lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
-    text = "\n".join(lines) + "\n"
-    emit(text, a.out)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":
