@@ -1,10 +1,12 @@
-"""The sampler engine: a batch of independent samples, each on its own trajectory, advanced one step per call.
+"""The sampler engine: a batch of independent samples, each on its own trajectory, advanced step by step.
 
 Each row of the batch has its own seed, sampler, step count and position. `step()` runs one U-Net forward for
 the whole batch (through model/runner.py, which makes it fast on the device) and one vectorised update (see
-model/diffusion.py for the coefficient form). Rows can be added and removed between steps, which is what
-continuous batching in the service needs; `generate()` is the plain offline loop built on the same engine, so
-the CLI and the service produce the same pixels.
+model/diffusion.py for the coefficient form); or, where the runner chains steps (ONNX Runtime, at most one row per
+core) and every row takes the plain update for the next k steps without a preview or its end among them, k steps
+in one runner call with the same update and noise (StepOutput.steps says how many). Rows can be added and removed
+between calls, which is what continuous batching in the service needs; `generate()` is the plain offline loop
+built on the same engine, so the CLI and the service produce the same pixels.
 
 Editing rows share the same step (model/edit.py): a row may start from a given image noised to its chain's top
 timestep t_max (SDEdit), from a given x (interpolation between seeds), and may carry a known image and a mask whose
@@ -72,6 +74,7 @@ class StepOutput:
     finished: list[tuple[Hashable, int, np.ndarray]]
     previews: list[tuple[Hashable, int, int, np.ndarray]]
     failed: list[tuple[Hashable, int]] = field(default_factory=list)
+    steps: int = 1  # how many steps every row advanced (more than one where the runner chains steps)
 
 
 class SamplerEngine:
@@ -242,21 +245,35 @@ class SamplerEngine:
         release_cached_memory(self.device)
 
     # ---- one denoising step ----------------------------------------------------------------------------
-    def _noise(self) -> tuple[torch.Tensor, int]:
-        """(noise table, column) for the coming step; the caller commits the column when the step succeeds."""
-        if self._z is not None and self._zcol < self._z.shape[1]:
+    def _noise(self, need: int = 1) -> tuple[torch.Tensor, int]:
+        """(noise table, column) for the coming `need` steps; the caller commits the column when they succeed."""
+        if self._z is not None and self._zcol + need <= self._z.shape[1]:
             return self._z, self._zcol
         b = len(self.rows)
-        chunk = max(1, min(64, self.noise_chunk_elems // max(1, b * int(np.prod(self.shape)))))
+        chunk = max(need, min(64, self.noise_chunk_elems // max(1, b * int(np.prod(self.shape)))))
         j = torch.arange(chunk, device=self.device)
         idx = (self.pos[:, None] + 1 + j[None]).reshape(-1)  # z of step k has noise index k + 1
         return gaussian(self.seeds.repeat_interleave(chunk), idx, self.shape).view(b, chunk, *self.shape), 0
 
+    def _chain_length(self) -> int:
+        """How many steps the next step() takes: the runner's chain length where it can chain this batch and every
+        row takes the plain update for that many steps without a preview or its end in between, else 1."""
+        k = getattr(self.runner, "chain_steps", 0)  # 0 for a stand-in runner (a plain function, in the tests)
+        if k <= 1 or self._multistep or self._masked or not self.runner.can_chain(len(self.rows)):
+            return 1
+        if any(r.preview_every or r.steps - r.pos < k for r in self.rows):
+            return 1
+        return k
+
     @torch.inference_mode()
     def step(self) -> StepOutput:
-        """Advance every sample one step; return the finished images and the previews asked for."""
+        """Advance every sample one step (or `StepOutput.steps` of them, where the runner chains steps: the same
+        images); return the finished images and the previews asked for."""
         if not self.rows:
             return StepOutput([], [])
+        k = self._chain_length()
+        if k > 1:
+            return self._chained_steps(k)
         coef = self._table[self.offset + self.pos]
         t = coef[:, 0]
         a, b, c, d, e, f = coef[:, 1:, None, None, None].unbind(1)  # (B, 1, 1, 1) views
@@ -282,8 +299,35 @@ class SamplerEngine:
             zk = gaussian(self.seeds, KNOWN_NOISE_BASE + self.pos, self.shape)
             known_t = level[:, 0].view(-1, 1, 1, 1) * self.known + level[:, 1].view(-1, 1, 1, 1) * zk
             x = torch.where(self.keep, known_t, x)
-        pos = self.pos + 1
-        finished = [i for i, r in enumerate(self.rows) if r.pos + 1 == r.steps]
+        previews = []
+        want = [i for i, r in enumerate(self.rows)
+                if r.preview_every and ((r.pos + 1) % r.preview_every == 0 or r.pos + 1 == r.steps)]
+        if want:  # the x0 estimate, only for the rows that asked, only at their preview steps
+            x0_hat = x0_prev[want] if self._multistep else e[want] * self.x[want] + f[want] * out[want]
+            finite = torch.isfinite(x0_hat).flatten(1).all(1).cpu().tolist()
+            images = to_uint8(x0_hat).cpu().numpy()
+            previews = [(self.rows[i].group, self.rows[i].index, self.rows[i].pos + 1, img)
+                        for i, img, ok in zip(want, images, finite) if ok]
+        return self._advance(x, x0_prev, z, zcol + 1, 1, previews)
+
+    def _chained_steps(self, k: int) -> StepOutput:
+        """k plain steps in one runner call (model/onnx_chain.py): the same update and noise as k step()s."""
+        idx = self.offset[None] + self.pos[None] + torch.arange(k, device=self.device)[:, None]  # (k, B)
+        coef = self._table[idx][..., :4]  # t, a, b, c
+        z, zcol = None, -k
+        if self._stochastic:
+            z, zcol = self._noise(k)
+            zk = z[:, zcol:zcol + k].transpose(0, 1)
+        else:
+            zk = torch.zeros(k, len(self.rows), *self.shape, device=self.device)
+        x = self.runner.steps(self.x, coef, zk)
+        return self._advance(x, self.x0_prev, z, zcol + k, k, [])
+
+    def _advance(self, x: torch.Tensor, x0_prev: torch.Tensor, z: torch.Tensor | None, zcol: int, k: int,
+                 previews: list) -> StepOutput:
+        """Commit `k` steps that took every row to `x`: hand out the rows that finished and keep the others."""
+        pos = self.pos + k
+        finished = [i for i, r in enumerate(self.rows) if r.pos + k == r.steps]
         done, failed = [], []
         if finished:
             last = x[finished]
@@ -294,22 +338,13 @@ class SamplerEngine:
                     done.append((self.rows[i].group, self.rows[i].index, img))
                 else:
                     failed.append((self.rows[i].group, self.rows[i].index))
-        previews = []
-        want = [i for i, r in enumerate(self.rows)
-                if r.preview_every and ((r.pos + 1) % r.preview_every == 0 or r.pos + 1 == r.steps)]
-        if want:  # the x0 estimate, only for the rows that asked, only at their preview steps
-            x0_hat = x0_prev[want] if self._multistep else e[want] * self.x[want] + f[want] * out[want]
-            finite = torch.isfinite(x0_hat).flatten(1).all(1).cpu().tolist()
-            images = to_uint8(x0_hat).cpu().numpy()
-            previews = [(self.rows[i].group, self.rows[i].index, self.rows[i].pos + 1, img)
-                        for i, img, ok in zip(want, images, finite) if ok]
         state = {"x": x, "x0_prev": x0_prev, "seeds": self.seeds, "pos": pos, "offset": self.offset,
                  "known": self.known, "keep": self.keep}
         gone = set(finished)
-        self._keep([i for i in range(len(self.rows)) if i not in gone], state, z, zcol + 1)  # commit the step
+        self._keep([i for i in range(len(self.rows)) if i not in gone], state, z, zcol)  # commit the steps
         for r in self.rows:
-            r.pos += 1
-        return StepOutput(done, previews, failed)
+            r.pos += k
+        return StepOutput(done, previews, failed, k)
 
 
 def run(engine: SamplerEngine, specs: list[SampleSpec], edits: list[Edit | None] | None = None,
@@ -327,7 +362,7 @@ def run(engine: SamplerEngine, specs: list[SampleSpec], edits: list[Edit | None]
             for _, index in step.failed:
                 raise RuntimeError(f"sample {start + index} (seed {chunk[index].seed}) came out non-finite")
             if progress is not None:
-                progress.update(len(chunk))
+                progress.update(len(chunk) * step.steps)
     return np.stack([out[i] for i in range(len(specs))])
 
 

@@ -16,6 +16,10 @@ fixed, not timed at start-up, so that the CLI and the service run the same kerne
     by default). The outputs are the same bits either way. torch's own OpenMP pool stays PASSIVE: with
     OMP_WAIT_POLICY=ACTIVE its spinning threads take the cores from ORT's and every step got 1.4-1.7x slower
     (measured at batch 1-64).
+  - Chained steps (`steps()`, onnx only): with at most `workers` rows, one row per shard, CHAIN_STEPS steps per
+    call, no Python between their forwards (model/onnx_chain.py): the torch calls around each forward cost about a
+    millisecond on a shared VM (their code goes cold while the forward runs). 1000-step ddpm chain at batch 1, same
+    pixels: bench/results/chain-in-graph-cpu.md.
 Where onnxruntime or the export is unavailable the runner falls back to TorchScript, then eager, and says so
 (`mode`, shown in /v1/model and the model_info metric).
 
@@ -104,6 +108,12 @@ class ModelRunner:
                 self.mode = "script"
             except (AttributeError, RuntimeError) as e:  # torch.jit removed, or a graph it cannot trace
                 log.warning("TorchScript trace failed (%s); running the U-Net eagerly", e)
+        # Batches of at most `workers` rows may run CHAIN_STEPS steps per call, one row per shard (steps()).
+        self.chain_steps = 0
+        if self.mode == "onnx":
+            from .runner_onnx import CHAIN_STEPS
+
+            self.chain_steps = CHAIN_STEPS
         # Shards run on this pool (its threads start on first use). Each worker's OpenMP thread count is its own:
         # 1, so the shards share the cores, not each op (ONNX Runtime's sessions are single-threaded likewise).
         self._pool = None
@@ -120,6 +130,29 @@ class ModelRunner:
         parts = [self._pool.submit(self._run_shard, xs, ts, threads)
                  for xs, ts in zip(x.tensor_split(shards), t.tensor_split(shards))]
         return torch.cat([p.result() for p in parts])
+
+    def can_chain(self, batch: int) -> bool:
+        """Whether steps() takes a batch of this many rows."""
+        return self.chain_steps > 1 and 1 <= batch <= self.workers
+
+    def steps(self, x: torch.Tensor, coef: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """`chain_steps` steps of `x <- a x + b unet(x, t) + c z` in one call per row (model/onnx_chain.py): x
+        (B, C, H, W), coef (chain_steps, B, 4) = (t, a, b, c), z (chain_steps, B, C, H, W), B <= workers. Each row
+        is a shard of its own, with the spare cores as its spinning threads where spinning is allowed."""
+        if not self.can_chain(x.shape[0]):
+            raise ValueError(f"steps() takes 1 to {self.workers} rows on an onnx runner, not {x.shape[0]} "
+                             f"({self.mode} runner)")
+        rows = x.shape[0]
+        threads = self.workers // rows if self.spin else 1
+        if rows == 1:
+            return self.fn.steps(x, coef, z, threads)
+        parts = [self._pool.submit(self._run_steps_shard, x[i:i + 1], coef[:, i:i + 1], z[:, i:i + 1], threads)
+                 for i in range(rows)]
+        return torch.cat([p.result() for p in parts])
+
+    def _run_steps_shard(self, x: torch.Tensor, coef: torch.Tensor, z: torch.Tensor, threads: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.fn.steps(x, coef, z, threads)
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, threads: int) -> torch.Tensor:
         return self.fn(x, t, threads) if threads > 1 else self.fn(x, t)

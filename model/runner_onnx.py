@@ -16,6 +16,9 @@ bench/results/runner-cpu.md (bench/runner.py).
   instead of taking a core from a busy neighbour. With spinning asked for (ModelRunner's `spin`), a batch with
   fewer rows than cores runs on one session with the spare cores as spinning ORT intra-op threads (`threads=` per
   call; sessions are kept per batch size and thread count): the outputs are the same bits (tests/test_runner.py).
+- Chained steps (`steps()`): CHAIN_STEPS denoising steps in one call, the U-Net copied that many times into one graph
+  with the update after each copy (model/onnx_chain.py), built from the cached graph on first use, one session per
+  (rows, threads). The engine uses it where the batch allows (model/engine.py); same images as one call per step.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 STATIC_MAX = 8  # batch sizes with a session of their own (fixed shapes); above it one dynamic session
+CHAIN_STEPS = 10  # steps per call of the unrolled chain (model/onnx_chain.py; bench/results/chain-in-graph-cpu.md)
 PROBE_TOL = 1e-4  # a cached graph must reproduce the module to this (fp32; measured 2e-6)
 
 
@@ -87,7 +91,9 @@ class OnnxUNet:
         self.threads, self.static_max, self.spinning = threads, static_max, spinning
         self._lock = threading.Lock()
         self.path = (cache_dir or default_cache_dir()) / f"unet-{cache_key(module)}.onnx"
-        self._sessions: dict[tuple[int, int], object] = {}
+        self._sessions: dict[tuple, object] = {}
+        self._chain_model: bytes | None = None  # the unrolled chain's graph, built on first use
+        self.shape = (module.config.in_channels, module.config.image_size, module.config.image_size)
         probe = self._probe(module)
         if self.path.exists():
             try:
@@ -128,7 +134,26 @@ class OnnxUNet:
                     s = self._sessions[key] = self._new_session(*key)
         return s
 
-    def _new_session(self, batch: int, threads: int):
+    def chain_session(self, batch: int, threads: int | None = None):
+        """The session of CHAIN_STEPS unrolled steps for `batch` rows (fixed shape), built on first use."""
+        key = ("chain", batch, threads or self.threads)
+        s = self._sessions.get(key)
+        if s is None:
+            with self._lock:
+                s = self._sessions.get(key)
+                if s is None:
+                    if self._chain_model is None:
+                        import onnx
+
+                        from .onnx_chain import unrolled_chain
+
+                        self._chain_model = unrolled_chain(onnx.load(str(self.path)), CHAIN_STEPS,
+                                                           self.shape).SerializeToString()
+                    s = self._sessions[key] = self._new_session(batch, key[2], self._chain_model)
+        return s
+
+    def _new_session(self, batch: int, threads: int, model: bytes | None = None):
+        """A session of the U-Net graph, or of `model` (serialized ONNX), with `batch` pinned (0: dynamic)."""
         so = self.ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -136,7 +161,7 @@ class OnnxUNet:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         if batch:
             so.add_free_dimension_override_by_name("batch", batch)
-        return self.ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        return self.ort.InferenceSession(model or str(self.path), so, providers=["CPUExecutionProvider"])
 
     def run(self, x: np.ndarray, t: np.ndarray, threads: int | None = None) -> np.ndarray:
         return self.session(x.shape[0], threads).run(None, {"x": x, "t": t})[0]
@@ -148,3 +173,10 @@ class OnnxUNet:
         if t.dtype != torch.float32:
             t = t.float()
         return torch.from_numpy(self.run(x.numpy(), t.numpy(), threads))
+
+    def steps(self, x: torch.Tensor, coef: torch.Tensor, z: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """CHAIN_STEPS steps of `x <- a x + b unet(x, t) + c z` in one call: x (B, C, H, W), coef (CHAIN_STEPS, B, 4)
+        = (t, a, b, c), z (CHAIN_STEPS, B, C, H, W); the same as that many calls of the U-Net and the update."""
+        feed = {"x_in": x.contiguous().numpy(), "coef": coef.float().contiguous().numpy(),
+                "z": z.contiguous().numpy()}
+        return torch.from_numpy(self.chain_session(x.shape[0], threads).run(None, feed)[0])

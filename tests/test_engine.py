@@ -77,7 +77,7 @@ def test_a_step_that_fails_can_be_retried_and_gives_the_uninterrupted_images(whe
             engine.runner = lambda x, t: (should_fail(), real_runner(x, t))[1]
         elif where == "after_noise":
             real_noise = engine._noise
-            engine._noise = lambda: (real_noise(), should_fail())[0]
+            engine._noise = lambda *need: (real_noise(*need), should_fail())[0]
         else:
             real_to_uint8 = engine_module.to_uint8
             monkeypatch.setattr(engine_module, "to_uint8", lambda x: (should_fail(), real_to_uint8(x))[1])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from model.diffusion import Diffusion
-from model.engine import SamplerEngine, generate
+from model.engine import SampleSpec, SamplerEngine, generate
 from conftest import nearly_equal
 from model import runner_onnx
 from model.runner import ModelRunner
@@ -204,6 +204,63 @@ def test_spinning_lends_a_small_batch_every_core_and_gives_the_same_bits(tmp_pat
     assert set(spin.fn._sessions) == {(1, 2), (1, 1), (2, 1), (3, 1)}
     assert set(quiet.fn._sessions) == {(1, 1), (2, 1), (3, 1)} and not quiet.fn.spinning
     spin.close(), quiet.close()
+
+
+def _generate_counting(engine, specs_by_step, steps_limit=5000):
+    """Run `engine` to the end, adding specs_by_step[k] once k steps have passed; ({(group, index): image},
+    {steps per call seen}, [(group, index, step) of previews])."""
+    images, calls, previews, steps = {}, set(), [], 0
+    pending = dict(specs_by_step)
+    while (len(engine) or pending) and steps < steps_limit:
+        for at in [k for k in pending if k <= steps]:
+            engine.add(at, pending.pop(at))
+        out = engine.step()
+        steps += out.steps
+        calls.add(out.steps)
+        images.update({(g, i): img for g, i, img in out.finished})
+        previews += [(g, i, k) for g, i, k, _ in out.previews]
+    return images, calls, previews
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_chained_steps_give_the_images_of_one_call_per_step(unet, tmp_path, spin):
+    """A batch of at most `workers` rows runs CHAIN_STEPS steps per ONNX Runtime call (model/onnx_chain.py): the
+    same images as one call per step, for every sampler it takes, alone, two at once, and with rows joining a
+    running batch; rows that ask for previews, need the previous x0 (dpm-solver++) or are near their end go one
+    step at a time, and their previews come at the same steps."""
+    d = Diffusion()
+    plan = {0: [SampleSpec(1), SampleSpec(2, "ddim", 45)],
+            7: [SampleSpec(3, "ddpm-posterior", 30)],  # 3 rows: single steps until one leaves
+            60: [SampleSpec(4, "dpm-solver++", 25)],
+            300: [SampleSpec(5, "ddim", 40, preview_every=7)]}
+    results = {}
+    for chain in (runner_onnx.CHAIN_STEPS, 0):
+        engine = SamplerEngine(unet, d, runner="onnx", workers=2, cache_dir=tmp_path, spin=spin)
+        assert engine.runner.chain_steps == runner_onnx.CHAIN_STEPS
+        engine.runner.chain_steps = chain
+        results[chain] = _generate_counting(engine, plan)
+        engine.runner.close()
+    (chained, calls, previews), (plain, plain_calls, plain_previews) = results[runner_onnx.CHAIN_STEPS], results[0]
+    assert calls == {1, runner_onnx.CHAIN_STEPS} and plain_calls == {1}  # the chain ran, and only where it may
+    assert sorted(chained) == sorted(plain) and len(plain) == 5
+    for key in plain:
+        assert nearly_equal(chained[key], plain[key]), key
+    assert previews == plain_previews and [k for _, _, k in previews] == [7, 14, 21, 28, 35, 40]
+    # alone: chained to the end (45 = 4 calls of 10, then 5 single steps), and the default 1000-step ddpm chain
+    engine = SamplerEngine(unet, d, runner="onnx", workers=2, cache_dir=tmp_path, spin=spin)
+    alone, calls, _ = _generate_counting(engine, {0: [SampleSpec(2, "ddim", 45)]})
+    assert calls == {runner_onnx.CHAIN_STEPS, 1} and nearly_equal(alone[0, 0], plain[0, 1])
+    assert nearly_equal(generate(engine, [1])[0], plain[0, 0])
+
+
+def test_chained_steps_are_refused_where_the_runner_cannot_chain(unet, tmp_path):
+    onnx = ModelRunner(unet, CPU, torch.float32, mode="onnx", workers=2, cache_dir=tmp_path)
+    script = ModelRunner(unet, CPU, torch.float32, mode="script", workers=2)
+    assert onnx.can_chain(1) and onnx.can_chain(2) and not onnx.can_chain(3) and not script.can_chain(1)
+    k = onnx.chain_steps
+    with pytest.raises(ValueError, match="1 to 2 rows"):
+        onnx.steps(torch.zeros(3, 3, 8, 8), torch.zeros(k, 3, 4), torch.zeros(k, 3, 3, 8, 8))
+    onnx.close(), script.close()
 
 
 def test_cuda_graph_buckets_cover_every_batch_with_little_padding():
