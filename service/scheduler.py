@@ -346,12 +346,16 @@ class Scheduler:
         if not ok:
             return
         self._timer.stop()
+        k = out.steps  # more than 1 where the runner chained steps into one call (model/onnx_chain.py)
         for dt in self._timer.done():  # on CUDA: the steps the GPU has finished, read without waiting for it
+            dt /= k
             self._step_s = dt if not self._step_s else 0.95 * self._step_s + 0.05 * dt
-            m.step_duration.observe(dt)
-        m.batch_size.observe(batch)
-        m.steps.inc()
-        m.sample_steps.inc(batch)
+            for _ in range(k):
+                m.step_duration.observe(dt)
+        for _ in range(k):
+            m.batch_size.observe(batch)
+        m.steps.inc(k)
+        m.sample_steps.inc(batch * k)
         with self._cond:
             for row in self.engine.rows:
                 job = self._active.get(row.group)
@@ -390,8 +394,11 @@ class Scheduler:
     def _warm_up(self) -> None:
         """One step at every batch size the scheduler can run (1..max_batch), on this thread: kernel selection
         (cuDNN, the TorchScript profiler) happens here, not in the first requests. An OOM lowers the limit."""
+        runner = self.engine.runner
         for b in range(1, self.max_batch + 1):
-            self.engine.add("warmup", [SampleSpec(0, "ddim", 1)] * b)
+            # where the runner chains steps for this batch size, enough steps to build that session too
+            steps = runner.chain_steps if runner.can_chain(b) else 1
+            self.engine.add("warmup", [SampleSpec(0, "ddim", steps)] * b)
             try:
                 while len(self.engine):
                     self.engine.step()

@@ -166,12 +166,12 @@ def test_metrics_parse_and_move(served):
 
 
 def test_spin_threads_runs_a_lone_request_on_every_core_with_the_same_pixels(tiny_weights):
-    """SPIN_THREADS: a batch of one runs on a spinning multi-threaded ORT session; its PNG is the CLI's, pixel for
-    pixel, as without the setting."""
+    """SPIN_THREADS: a batch of one runs on a spinning multi-threaded ORT session (its 20 steps as two chained
+    calls of 10, model/onnx_chain.py); its PNG is the CLI's, pixel for pixel, as without the setting."""
     with running(Settings(weights=tiny_weights, spin_threads=True, threads=2, warmup=False)) as (url, app):
         r = post(url, {"n": 1, "seed": 7, "sampler": "ddim", "steps": 20})
         runner = app.state.runtime.engine.runner
-        assert runner.mode == "onnx" and runner.spin and (1, 2) in runner.fn._sessions
+        assert runner.mode == "onnx" and runner.spin and ("chain", 1, 2) in runner.fn._sessions
     assert np.array_equal(decode_png(r.json()["images"][0]["png"])[0], offline(tiny_weights, [7], "ddim", 20)[0])
 
 
