@@ -139,6 +139,7 @@ def step_vs_forward(w, cache: Path, steps: int = 200) -> dict[str, tuple[float, 
     """ms per batch-1 1000-step ddpm step, (best, median) of interleaved rounds: the engine's step() as the service
     runs it with SPIN_THREADS, and the same runner's U-Net call alone on an input of the same shape."""
     engine = SamplerEngine(w.unet, w.diffusion, cache_dir=cache, spin=True)
+    engine.runner.chain_steps = 0  # one runner call per step (bench/chain_in_graph.py times the chained steps)
     cfg = w.unet.config
     x, t = torch.randn(1, cfg.in_channels, cfg.image_size, cfg.image_size), torch.tensor([500.0])
 
