@@ -395,9 +395,10 @@ class Scheduler:
         """One step at every batch size the scheduler can run (1..max_batch), on this thread: kernel selection
         (cuDNN, the TorchScript profiler) happens here, not in the first requests. An OOM lowers the limit."""
         runner = self.engine.runner
+        chain = getattr(runner, "chain_steps", 0)
         for b in range(1, self.max_batch + 1):
             # where the runner chains steps for this batch size, enough steps to build that session too
-            steps = runner.chain_steps if runner.can_chain(b) else 1
+            steps = chain if chain > 1 and runner.can_chain(b) else 1
             self.engine.add("warmup", [SampleSpec(0, "ddim", steps)] * b)
             try:
                 while len(self.engine):

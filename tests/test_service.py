@@ -175,6 +175,14 @@ def test_spin_threads_runs_a_lone_request_on_every_core_with_the_same_pixels(tin
     assert np.array_equal(decode_png(r.json()["images"][0]["png"])[0], offline(tiny_weights, [7], "ddim", 20)[0])
 
 
+def test_warm_up_builds_the_chained_sessions_before_the_first_request(tiny_weights):
+    """Batches of up to one row per core run ten steps per ONNX Runtime call (model/onnx_chain.py); the warm-up
+    builds that session, so the first request does not."""
+    with running(Settings(weights=tiny_weights, max_batch=3, threads=2)) as (url, app):
+        runner = app.state.runtime.engine.runner
+        assert runner.chain_steps > 1 and set(runner.fn._sessions) >= {("chain", 1, 1), (2, 1)}  # b=3: shards 2+1
+
+
 def test_health_model_and_openapi(served):
     url, _ = served
     assert httpx.get(url + "/healthz").json() == {"status": "ok"}
