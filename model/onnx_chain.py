@@ -1,17 +1,24 @@
-"""Several denoising steps as one ONNX graph: the runner's exported U-Net copied K times, each copy followed by the
+"""Several denoising steps as one ONNX graph: the runner's U-Net graph copied K times, each copy followed by the
 update, so that ONNX Runtime runs K steps in one call with no Python between the forwards.
 
 Why: at batch 1 on CPU every step's torch calls around the U-Net (coefficients, the update, noise, bookkeeping)
 cost about a millisecond on a shared VM, a fifth of a step, because their code has gone cold while the forward ran.
-Measured in bench/results/chain-in-graph-cpu.md (bench/chain_in_graph.py): 10 steps unrolled per call ran the
-1000-step chain 1.2x faster than one call per step, with the same pixels. ONNX's own `Loop` operator was slower than
-one call per step (its per-iteration machinery costs more than the Python it saves), hence copies, not a loop.
+Measured in bench/results/chain-in-graph-cpu.md (bench/chain_in_graph.py), the 1000-step chain at batch 1: 1.32x
+(best; 1.31x median) with 10 steps per call over one call per step, the same pixels; 5 steps per call 1.27x, and
+past 10 the medians no longer move (20: 5.46 s, 50: 5.44, vs 5.49) while admissions and cancels would wait longer.
+ONNX's own `Loop` operator over the same step gained little or lost (1.05x; 0.87x and 0.94x in earlier runs): its
+per-iteration machinery costs about what the Python it saves does, hence copies, not a loop. The copies are made
+from the graph as ONNX Runtime has optimized it (model/runner_onnx.py), so they share one set of reordered conv
+filters; copies of the exported graph got a set each (+23 MB of memory for ten copies of cpu32, vs +14) and
+ran their forwards 4-14% slower (two scratch runs), which took most of the gain (the run kept at the end of
+the results file).
 
 The step is the engine's update for samplers that need no earlier x0 estimate and no known pixels (model/engine.py):
     x <- a x + b out + c z
 with (t, a, b, c) the step's row of the coefficient table (model/diffusion.py) and z its noise, both fed in.
 Inputs: x (B, C, H, W), coef (K, B, 4) = (t, a, b, c) per step and row, z (K, B, C, H, W); output x_out, the x after
-K steps. B is the symbolic dimension "batch", which a session pins. The U-Net's weights are shared by the copies.
+K steps. B is the symbolic dimension "batch", which a session pins (the runner runs one row per call). The U-Net's
+weights are shared by the copies.
 """
 
 from __future__ import annotations

@@ -136,9 +136,10 @@ class ModelRunner:
         return self.chain_steps > 1 and 1 <= batch <= self.workers
 
     def steps(self, x: torch.Tensor, coef: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """`chain_steps` steps of `x <- a x + b unet(x, t) + c z` in one call per row (model/onnx_chain.py): x
-        (B, C, H, W), coef (chain_steps, B, 4) = (t, a, b, c), z (chain_steps, B, C, H, W), B <= workers. Each row
-        is a shard of its own, with the spare cores as its spinning threads where spinning is allowed."""
+        """K steps of `x <- a x + b unet(x, t) + c z` in one call per row (model/onnx_chain.py): x (B, C, H, W),
+        coef (K, B, 4) = (t, a, b, c), z (K, B, C, H, W), B <= workers; the engine asks for K = chain_steps (a
+        benchmark may set another). Each row is a shard of its own, with the spare cores as its spinning threads
+        where spinning is allowed."""
         if not self.can_chain(x.shape[0]):
             raise ValueError(f"steps() takes 1 to {self.workers} rows on an onnx runner, not {x.shape[0]} "
                              f"({self.mode} runner)")

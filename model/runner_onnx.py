@@ -16,9 +16,10 @@ bench/results/runner-cpu.md (bench/runner.py).
   instead of taking a core from a busy neighbour. With spinning asked for (ModelRunner's `spin`), a batch with
   fewer rows than cores runs on one session with the spare cores as spinning ORT intra-op threads (`threads=` per
   call; sessions are kept per batch size and thread count): the outputs are the same bits (tests/test_runner.py).
-- Chained steps (`steps()`): CHAIN_STEPS denoising steps in one call, the U-Net copied that many times into one graph
-  with the update after each copy (model/onnx_chain.py), built from the cached graph on first use, one session per
-  (rows, threads). The engine uses it where the batch allows (model/engine.py); same images as one call per step.
+- Chained steps (`steps()`): CHAIN_STEPS denoising steps of one row in one call, the U-Net copied that many times into
+  one graph with the update after each copy (model/onnx_chain.py), built on first use from the cached graph as ORT
+  optimizes it here (so the copies share its reordered filters), one session per thread count. The engine uses it
+  where the batch allows (model/engine.py); same images as one call per step.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class OnnxUNet:
         self._lock = threading.Lock()
         self.path = (cache_dir or default_cache_dir()) / f"unet-{cache_key(module)}.onnx"
         self._sessions: dict[tuple, object] = {}
-        self._chain_model: bytes | None = None  # the unrolled chain's graph, built on first use
+        self._chain_models: dict[int, bytes] = {}  # steps -> the unrolled chain's graph, built on first use
         self.shape = (module.config.in_channels, module.config.image_size, module.config.image_size)
         probe = self._probe(module)
         if self.path.exists():
@@ -134,23 +135,37 @@ class OnnxUNet:
                     s = self._sessions[key] = self._new_session(*key)
         return s
 
-    def chain_session(self, batch: int, threads: int | None = None):
-        """The session of CHAIN_STEPS unrolled steps for `batch` rows (fixed shape), built on first use."""
-        key = ("chain", batch, threads or self.threads)
+    def chain_session(self, threads: int | None = None, steps: int = CHAIN_STEPS):
+        """The session of `steps` unrolled steps for one row, built on first use (model/onnx_chain.py)."""
+        key = ("chain", 1, threads or self.threads) + (() if steps == CHAIN_STEPS else (steps,))
         s = self._sessions.get(key)
         if s is None:
             with self._lock:
                 s = self._sessions.get(key)
                 if s is None:
-                    if self._chain_model is None:
-                        import onnx
-
+                    if steps not in self._chain_models:
                         from .onnx_chain import unrolled_chain
 
-                        self._chain_model = unrolled_chain(onnx.load(str(self.path)), CHAIN_STEPS,
-                                                           self.shape).SerializeToString()
-                    s = self._sessions[key] = self._new_session(batch, key[2], self._chain_model)
+                        self._chain_models[steps] = unrolled_chain(self._optimized_row_graph(), steps,
+                                                                   self.shape).SerializeToString()
+                    s = self._sessions[key] = self._new_session(1, key[2], self._chain_models[steps])
         return s
+
+    def _optimized_row_graph(self):
+        """The U-Net graph for one row as ONNX Runtime optimizes it on this machine (NCHWc convolutions, their
+        filters reordered once): copies made from it share those filters, where copies of the exported graph got a
+        reordered set each (+23 vs +14 MB for ten, and slower forwards: model/onnx_chain.py). Kept in memory only:
+        the layout it picks depends on this CPU's vector width."""
+        import onnx
+
+        so = self.ort.SessionOptions()
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_free_dimension_override_by_name("batch", 1)
+        so.log_severity_level = 3  # not its warning that such a file is only for this machine: it never leaves it
+        with tempfile.TemporaryDirectory(prefix="celeba-ddpm-") as folder:
+            so.optimized_model_filepath = os.path.join(folder, "row.onnx")
+            self.ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+            return onnx.load(so.optimized_model_filepath)
 
     def _new_session(self, batch: int, threads: int, model: bytes | None = None):
         """A session of the U-Net graph, or of `model` (serialized ONNX), with `batch` pinned (0: dynamic)."""
@@ -175,8 +190,10 @@ class OnnxUNet:
         return torch.from_numpy(self.run(x.numpy(), t.numpy(), threads))
 
     def steps(self, x: torch.Tensor, coef: torch.Tensor, z: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-        """CHAIN_STEPS steps of `x <- a x + b unet(x, t) + c z` in one call: x (B, C, H, W), coef (CHAIN_STEPS, B, 4)
-        = (t, a, b, c), z (CHAIN_STEPS, B, C, H, W); the same as that many calls of the U-Net and the update."""
+        """K steps of `x <- a x + b unet(x, t) + c z` in one call: x (1, C, H, W), coef (K, 1, 4) = (t, a, b, c),
+        z (K, 1, C, H, W); the same as K calls of the U-Net and the update. A graph per K (default CHAIN_STEPS)."""
+        if x.shape[0] != 1:
+            raise ValueError(f"chained steps run one row per call (ModelRunner shards the batch), not {x.shape[0]}")
         feed = {"x_in": x.contiguous().numpy(), "coef": coef.float().contiguous().numpy(),
                 "z": z.contiguous().numpy()}
-        return torch.from_numpy(self.chain_session(x.shape[0], threads).run(None, feed)[0])
+        return torch.from_numpy(self.chain_session(threads, coef.shape[0]).run(None, feed)[0])

@@ -260,6 +260,14 @@ def test_chained_steps_are_refused_where_the_runner_cannot_chain(unet, tmp_path)
     k = onnx.chain_steps
     with pytest.raises(ValueError, match="1 to 2 rows"):
         onnx.steps(torch.zeros(3, 3, 8, 8), torch.zeros(k, 3, 4), torch.zeros(k, 3, 3, 8, 8))
+    with pytest.raises(ValueError, match="one row per call"):
+        onnx.fn.steps(torch.zeros(2, 3, 8, 8), torch.zeros(k, 2, 4), torch.zeros(k, 2, 3, 8, 8))
+    # the copies of the U-Net in a chained graph share one set of (reordered) weights: k index constants more
+    import onnx as onnx_lib
+
+    onnx.fn.chain_session(1)
+    chained = onnx_lib.load_from_string(onnx.fn._chain_models[k])
+    assert len(chained.graph.initializer) == len(onnx.fn._optimized_row_graph().graph.initializer) + k
     onnx.close(), script.close()
 
 
