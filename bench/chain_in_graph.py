@@ -3,7 +3,8 @@
 
 - the engine with one runner call per step (the U-Net; the update, noise and bookkeeping in torch between calls);
 - the engine as it runs by default: CHAIN_STEPS steps per call, the U-Net copied that many times into one graph
-  with the update after each copy (model/onnx_chain.py), no Python between those forwards;
+  with the update after each copy (model/onnx_chain.py), no Python between those forwards; or `--chain` K steps per
+  call (what chose CHAIN_STEPS);
 - the chain as an ONNX `Loop` (the same step as the loop's body), `--loop` steps per call: the alternative to
   copies, kept here because it measured slower than copies.
 
@@ -71,6 +72,8 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--steps", type=int, default=1000, help="ddpm steps of the chain (default 1000)")
     p.add_argument("--batch", type=int, default=1, help="rows sampled at once (seeds --seed, --seed+1, ...)")
+    p.add_argument("--chain", type=int, nargs="+", default=None,
+                   help="steps per call of the engine's chained runs, one column each (default: the runner's)")
     p.add_argument("--loop", type=int, nargs="*", default=[50],
                    help="steps per call of the ONNX Loop graph, one column each (default 50; none: no Loop column)")
     p.add_argument("--no-spin", action="store_true", help="ORT threads do not spin (the service's default)")
@@ -86,7 +89,7 @@ def main(argv=None) -> None:
     runner = engine.runner
     if runner.mode != "onnx":
         sys.exit(f"the runner fell back to {runner.mode}: this compares ONNX Runtime graphs")
-    chain = runner.chain_steps
+    default_chain = runner.chain_steps
     seeds = list(range(a.seed, a.seed + a.batch))
     shape = engine.shape
 
@@ -96,8 +99,10 @@ def main(argv=None) -> None:
         images = generate(engine, seeds, "ddpm", a.steps, batch_size=a.batch)
         return time.perf_counter() - t0, images
 
-    ways = {"the engine, one call per step": lambda: in_engine(0),
-            f"the engine, {chain} steps per call (default)": lambda: in_engine(chain)}
+    ways = {"the engine, one call per step": lambda: in_engine(0)}
+    for k in a.chain or [default_chain]:
+        name = f"the engine, {k} steps per call" + (" (default)" if k == default_chain else "")
+        ways[name] = lambda k=k: in_engine(k)
     if a.loop:
         if a.batch != 1:
             sys.exit("the Loop columns are for batch 1 (run with --loop and nothing after it)")

@@ -48,7 +48,7 @@ TINY_RUNS = {
     "runner.py": ["--batch", "1", "2", "--rounds", "1", "--min-seconds", "0.05"],
     "runner_backends.py": ["--batch", "1", "--rounds", "1", "--min-seconds", "0.05"],
     "sampler.py": ["--batch", "1", "--steps", "5", "--repeat", "1"],
-    "chain_in_graph.py": ["--steps", "20", "--loop", "5", "20", "--rounds", "1"],  # two chained calls of 10
+    "chain_in_graph.py": ["--steps", "20", "--chain", "5", "10", "--loop", "20", "--rounds", "1"],
 }
 
 
