@@ -28,6 +28,7 @@ from .device import memory_allocated, pick_memory_format, release_cached_memory
 from .diffusion import COEFS, MULTISTEP, STOCHASTIC, Diffusion, Sampler
 from .noise import KNOWN_NOISE_BASE, SEED_LIMIT, gaussian
 from .runner import ModelRunner
+from .runner_onnx import ChainUnavailable
 from .unet import UNet
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -320,7 +321,10 @@ class SamplerEngine:
             zk = z[:, zcol:zcol + k].transpose(0, 1)
         else:
             zk = torch.zeros(k, len(self.rows), *self.shape, device=self.device)
-        x = self.runner.steps(self.x, coef, zk)
+        try:
+            x = self.runner.steps(self.x, coef, zk)
+        except ChainUnavailable:  # nothing ran and the runner chains no more: this call takes one step
+            return self.step()
         return self._advance(x, self.x0_prev, z, zcol + k, k, [])
 
     def _advance(self, x: torch.Tensor, x0_prev: torch.Tensor, z: torch.Tensor | None, zcol: int, k: int,

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .runner_onnx import ChainUnavailable
 from .unet import UNet
 
 log = logging.getLogger(__name__)
@@ -145,11 +146,16 @@ class ModelRunner:
                              f"({self.mode} runner)")
         rows = x.shape[0]
         threads = self.workers // rows if self.spin else 1
-        if rows == 1:
-            return self.fn.steps(x, coef, z, threads)
-        parts = [self._pool.submit(self._run_steps_shard, x[i:i + 1], coef[:, i:i + 1], z[:, i:i + 1], threads)
-                 for i in range(rows)]
-        return torch.cat([p.result() for p in parts])
+        try:
+            if rows == 1:
+                return self.fn.steps(x, coef, z, threads)
+            parts = [self._pool.submit(self._run_steps_shard, x[i:i + 1], coef[:, i:i + 1], z[:, i:i + 1], threads)
+                     for i in range(rows)]
+            return torch.cat([p.result() for p in parts])
+        except ChainUnavailable as e:  # say so once, and chain no more (the engine then takes one step per call)
+            log.warning("chained steps unavailable (%s); one U-Net call per step from now on", e)
+            self.chain_steps = 0
+            raise
 
     def _run_steps_shard(self, x: torch.Tensor, coef: torch.Tensor, z: torch.Tensor, threads: int) -> torch.Tensor:
         with torch.inference_mode():

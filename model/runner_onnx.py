@@ -44,6 +44,10 @@ CHAIN_STEPS = 10  # steps per call of the unrolled chain (model/onnx_chain.py; b
 PROBE_TOL = 1e-4  # a cached graph must reproduce the module to this (fp32; measured 2e-6)
 
 
+class ChainUnavailable(RuntimeError):
+    """The chained-steps graph could not be built, so nothing ran (ModelRunner then stops chaining)."""
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "celeba-ddpm"
 
@@ -143,12 +147,15 @@ class OnnxUNet:
             with self._lock:
                 s = self._sessions.get(key)
                 if s is None:
-                    if steps not in self._chain_models:
-                        from .onnx_chain import unrolled_chain
+                    try:
+                        if steps not in self._chain_models:
+                            from .onnx_chain import unrolled_chain
 
-                        self._chain_models[steps] = unrolled_chain(self._optimized_row_graph(), steps,
-                                                                   self.shape).SerializeToString()
-                    s = self._sessions[key] = self._new_session(1, key[2], self._chain_models[steps])
+                            self._chain_models[steps] = unrolled_chain(self._optimized_row_graph(), steps,
+                                                                       self.shape).SerializeToString()
+                        s = self._sessions[key] = self._new_session(1, key[2], self._chain_models[steps])
+                    except Exception as e:  # a graph ORT will not build: the caller goes on one step per call
+                        raise ChainUnavailable(f"{type(e).__name__}: {e}") from e
         return s
 
     def _optimized_row_graph(self):

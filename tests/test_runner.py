@@ -271,6 +271,26 @@ def test_chained_steps_are_refused_where_the_runner_cannot_chain(unet, tmp_path)
     onnx.close(), script.close()
 
 
+def test_a_chain_onnx_runtime_cannot_build_falls_back_to_one_step_per_call(unet, tmp_path, monkeypatch, caplog):
+    """If the chained graph fails to build (an ORT that refuses the optimized graph, say), the request still gets
+    its image, from one call per step, and the runner says so once and stops trying."""
+    from model import onnx_chain
+
+    d = Diffusion()
+    engine = SamplerEngine(unet, d, runner="onnx", workers=2, cache_dir=tmp_path)
+    want = generate(engine, [9], "ddim", 30)
+    engine = SamplerEngine(unet, d, runner="onnx", workers=2, cache_dir=tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such graph")
+
+    monkeypatch.setattr(onnx_chain, "unrolled_chain", broken)
+    with caplog.at_level("WARNING", logger="model.runner"):
+        got, calls, _ = _generate_counting(engine, {0: [SampleSpec(9, "ddim", 30)]})
+    assert calls == {1} and engine.runner.chain_steps == 0 and nearly_equal(got[0, 0], want[0])
+    assert sum("chained steps unavailable" in r.message for r in caplog.records) == 1
+
+
 def test_cuda_graph_buckets_cover_every_batch_with_little_padding():
     from model.runner_cuda import bucket
 
