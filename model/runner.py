@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .runner_onnx import ChainUnavailable
+from .runner_onnx import CHAIN_STEPS, ChainUnavailable
 from .unet import UNet
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,7 @@ class ModelRunner:
             except (AttributeError, RuntimeError) as e:  # torch.jit removed, or a graph it cannot trace
                 log.warning("TorchScript trace failed (%s); running the U-Net eagerly", e)
         # Batches of at most `workers` rows may run CHAIN_STEPS steps per call, one row per shard (steps()).
-        self.chain_steps = 0
-        if self.mode == "onnx":
-            from .runner_onnx import CHAIN_STEPS
-
-            self.chain_steps = CHAIN_STEPS
+        self.chain_steps = CHAIN_STEPS if self.mode == "onnx" else 0
         # Shards run on this pool (its threads start on first use). Each worker's OpenMP thread count is its own:
         # 1, so the shards share the cores, not each op (ONNX Runtime's sessions are single-threaded likewise).
         self._pool = None
@@ -128,7 +124,7 @@ class ModelRunner:
         threads = self.workers // shards if self.spin and self.mode == "onnx" else 1
         if shards <= 1:
             return self._call(x, t, threads)
-        parts = [self._pool.submit(self._run_shard, xs, ts, threads)
+        parts = [self._pool.submit(self._on_shard, self._call, xs, ts, threads)
                  for xs, ts in zip(x.tensor_split(shards), t.tensor_split(shards))]
         return torch.cat([p.result() for p in parts])
 
@@ -149,24 +145,22 @@ class ModelRunner:
         try:
             if rows == 1:
                 return self.fn.steps(x, coef, z, threads)
-            parts = [self._pool.submit(self._run_steps_shard, x[i:i + 1], coef[:, i:i + 1], z[:, i:i + 1], threads)
-                     for i in range(rows)]
+            parts = [self._pool.submit(self._on_shard, self.fn.steps, x[i:i + 1], coef[:, i:i + 1], z[:, i:i + 1],
+                                       threads) for i in range(rows)]
             return torch.cat([p.result() for p in parts])
         except ChainUnavailable as e:  # say so once, and chain no more (the engine then takes one step per call)
             log.warning("chained steps unavailable (%s); one U-Net call per step from now on", e)
             self.chain_steps = 0
             raise
 
-    def _run_steps_shard(self, x: torch.Tensor, coef: torch.Tensor, z: torch.Tensor, threads: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.fn.steps(x, coef, z, threads)
-
     def _call(self, x: torch.Tensor, t: torch.Tensor, threads: int) -> torch.Tensor:
         return self.fn(x, t, threads) if threads > 1 else self.fn(x, t)
 
-    def _run_shard(self, x: torch.Tensor, t: torch.Tensor, threads: int) -> torch.Tensor:
-        with torch.inference_mode():  # grad mode is per thread
-            return self._call(x, t, threads)
+    @staticmethod
+    def _on_shard(fn, *args) -> torch.Tensor:
+        """fn(*args) on a pool thread, in inference mode (grad mode is per thread)."""
+        with torch.inference_mode():
+            return fn(*args)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -18,8 +18,8 @@ bench/results/runner-cpu.md (bench/runner.py).
   call; sessions are kept per batch size and thread count): the outputs are the same bits (tests/test_runner.py).
 - Chained steps (`steps()`): CHAIN_STEPS denoising steps of one row in one call, the U-Net copied that many times into
   one graph with the update after each copy (model/onnx_chain.py), built on first use from the cached graph as ORT
-  optimizes it here (so the copies share its reordered filters), one session per thread count. The engine uses it
-  where the batch allows (model/engine.py); same images as one call per step.
+  optimizes it here (so the copies share its reordered filters), a session per length and thread count. The engine
+  uses it where the batch allows (model/engine.py); same images as one call per step.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class OnnxUNet:
         self.path = (cache_dir or default_cache_dir()) / f"unet-{cache_key(module)}.onnx"
         self._sessions: dict[tuple, object] = {}
         self._chain_models: dict[int, bytes] = {}  # steps -> the unrolled chain's graph, built on first use
+        self._row_graph = None  # what the chains are copied from (_optimized_row_graph), built on first use
         self.shape = (module.config.in_channels, module.config.image_size, module.config.image_size)
         probe = self._probe(module)
         if self.path.exists():
@@ -129,34 +130,36 @@ class OnnxUNet:
         if not err <= PROBE_TOL:
             raise ValueError(f"differs from the module by {err:.2g} (> {PROBE_TOL:g})")
 
-    def session(self, batch: int, threads: int | None = None):
-        key = (batch if batch <= self.static_max else 0, threads or self.threads)
-        s = self._sessions.get(key)
-        if s is None:
-            with self._lock:  # shards may ask for a new size at once: build it once
-                s = self._sessions.get(key)
-                if s is None:
-                    s = self._sessions[key] = self._new_session(*key)
-        return s
-
-    def chain_session(self, threads: int | None = None, steps: int = CHAIN_STEPS):
-        """The session of `steps` unrolled steps for one row, built on first use (model/onnx_chain.py)."""
-        key = ("chain", 1, threads or self.threads) + (() if steps == CHAIN_STEPS else (steps,))
+    def _cached(self, key: tuple, build):
+        """The session under `key`, built by `build()` once (shards may ask for a new one at once)."""
         s = self._sessions.get(key)
         if s is None:
             with self._lock:
                 s = self._sessions.get(key)
                 if s is None:
-                    try:
-                        if steps not in self._chain_models:
-                            from .onnx_chain import unrolled_chain
-
-                            self._chain_models[steps] = unrolled_chain(self._optimized_row_graph(), steps,
-                                                                       self.shape).SerializeToString()
-                        s = self._sessions[key] = self._new_session(1, key[2], self._chain_models[steps])
-                    except Exception as e:  # a graph ORT will not build: the caller goes on one step per call
-                        raise ChainUnavailable(f"{type(e).__name__}: {e}") from e
+                    s = self._sessions[key] = build()
         return s
+
+    def session(self, batch: int, threads: int | None = None):
+        key = (batch if batch <= self.static_max else 0, threads or self.threads)
+        return self._cached(key, lambda: self._new_session(*key))
+
+    def chain_session(self, threads: int | None = None, steps: int = CHAIN_STEPS):
+        """The session of `steps` unrolled steps for one row, built on first use (model/onnx_chain.py)."""
+        key = ("chain", steps, threads or self.threads)
+        return self._cached(key, lambda: self._new_chain_session(steps, key[2]))
+
+    def _new_chain_session(self, steps: int, threads: int):
+        try:
+            if steps not in self._chain_models:
+                from .onnx_chain import unrolled_chain
+
+                if self._row_graph is None:
+                    self._row_graph = self._optimized_row_graph()
+                self._chain_models[steps] = unrolled_chain(self._row_graph, steps, self.shape).SerializeToString()
+            return self._new_session(1, threads, self._chain_models[steps])
+        except Exception as e:  # a graph ORT will not build: the caller goes on one step per call
+            raise ChainUnavailable(f"{type(e).__name__}: {e}") from e
 
     def _optimized_row_graph(self):
         """The U-Net graph for one row as ONNX Runtime optimizes it on this machine (NCHWc convolutions, their

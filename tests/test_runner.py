@@ -267,7 +267,7 @@ def test_chained_steps_are_refused_where_the_runner_cannot_chain(unet, tmp_path)
 
     onnx.fn.chain_session(1)
     chained = onnx_lib.load_from_string(onnx.fn._chain_models[k])
-    assert len(chained.graph.initializer) == len(onnx.fn._optimized_row_graph().graph.initializer) + k
+    assert len(chained.graph.initializer) == len(onnx.fn._row_graph.graph.initializer) + k
     onnx.close(), script.close()
 
 

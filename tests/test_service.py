@@ -171,7 +171,7 @@ def test_spin_threads_runs_a_lone_request_on_every_core_with_the_same_pixels(tin
     with running(Settings(weights=tiny_weights, spin_threads=True, threads=2, warmup=False)) as (url, app):
         r = post(url, {"n": 1, "seed": 7, "sampler": "ddim", "steps": 20})
         runner = app.state.runtime.engine.runner
-        assert runner.mode == "onnx" and runner.spin and ("chain", 1, 2) in runner.fn._sessions
+        assert runner.mode == "onnx" and runner.spin and ("chain", runner.chain_steps, 2) in runner.fn._sessions
     assert np.array_equal(decode_png(r.json()["images"][0]["png"])[0], offline(tiny_weights, [7], "ddim", 20)[0])
 
 
@@ -180,7 +180,8 @@ def test_warm_up_builds_the_chained_sessions_before_the_first_request(tiny_weigh
     builds that session, so the first request does not."""
     with running(Settings(weights=tiny_weights, max_batch=3, threads=2)) as (url, app):
         runner = app.state.runtime.engine.runner
-        assert runner.chain_steps > 1 and set(runner.fn._sessions) >= {("chain", 1, 1), (2, 1)}  # b=3: shards 2+1
+        built = set(runner.fn._sessions)
+        assert runner.chain_steps > 1 and built >= {("chain", runner.chain_steps, 1), (2, 1)}  # b=3: shards 2+1
 
 
 def test_health_model_and_openapi(served):
