@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.engine import SampleSpec, SamplerEngine, generate  # noqa: E402
+from model.engine import SampleSpec, SamplerEngine, generate, to_uint8  # noqa: E402
 from model.noise import gaussian  # noqa: E402
 from model.onnx_chain import image_input, step_nodes  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
             for s in range(0, a.steps, k):
                 x = session.run(None, {"x_in": x, "coef": coef[s:s + k], "z": z[s:s + k]})[0]
             dt = time.perf_counter() - t0
-            return dt, ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+            return dt, to_uint8(torch.from_numpy(x)).numpy()
 
         ways.update({f"ONNX Loop, {k} steps per call": lambda k=k: in_loop(k) for k in a.loop})
 
