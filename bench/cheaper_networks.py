@@ -3,7 +3,7 @@ smaller variants of it (random weights: the time does not depend on their values
 full ddpm chain each implies.
 
     python bench/cheaper_networks.py --weights weights/celeba32-cpu.safetensors --rounds 9 \
-        --out bench/results/cheaper-networks-cpu.md
+        --out bench/results/cheaper-networks-cpu.md   # adds this run to the file
 
 Why it exists: issue 21 asks for `{"n": 1}`, 1000 ddpm steps, in 3 s on 2 cores. With the step's other work chained
 into ONNX Runtime calls (model/onnx_chain.py) the 1000 forwards are what is left, and the shipped network's take
@@ -19,7 +19,6 @@ import dataclasses
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,8 @@ from model.runner_onnx import export  # noqa: E402
 from model.unet import UNet, UNetConfig, count_parameters  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 from report import command, emit  # noqa: E402
-from runner_profile import session, without_group_norm  # noqa: E402  (bench/runner_profile.py)
+from runner import time_interleaved  # noqa: E402  (bench/runner.py)
+from runner_profile import as_fn, session, without_group_norm  # noqa: E402  (bench/runner_profile.py)
 
 OPTIONS = ((2, True), (1, False))  # (ORT intra-op threads, spinning): SPIN_THREADS and the service's default
 
@@ -46,13 +46,13 @@ def variants(cfg: UNetConfig) -> dict[str, tuple[UNetConfig, bool]]:
     base = max(4, cfg.base_channels * 3 // 4)
     fewer = cfg.channel_mult[:-1] or cfg.channel_mult
     return {
-        "as the weights (shipped)": (cfg, False),
+        "the weights' own network": (cfg, False),
         "no attention in the levels (the middle one kept)": (dataclasses.replace(cfg, attn_resolutions=()), False),
         f"base {base} channels instead of {cfg.base_channels}": (
             dataclasses.replace(cfg, base_channels=base, num_groups=math.gcd(base, cfg.num_groups)), False),
         f"one level fewer (mult {'-'.join(map(str, fewer))}, no level attention)": (
             dataclasses.replace(cfg, channel_mult=fewer, attn_resolutions=()), False),
-        "as the weights, every GroupNorm left out (floor)": (cfg, True),
+        "the weights' own, every GroupNorm left out (floor)": (cfg, True),
         "one level fewer, every GroupNorm left out (floor)": (
             dataclasses.replace(cfg, channel_mult=fewer, attn_resolutions=()), True),
     }
@@ -97,23 +97,10 @@ def main(argv=None) -> None:
             facts[label] = (count_parameters(module), fc.get_total_flops(), optimized_nodes(path))
             for threads, spin in OPTIONS:
                 s = session(path, threads, spin)
-                np.testing.assert_allclose(s.run(None, feeds)[0], ref, rtol=1e-4, atol=1e-4)
-                fns[label, threads, spin] = s
-        reps = {}
-        for key, s in fns.items():  # warm up and size the rounds
-            for _ in range(20):
-                s.run(None, feeds)
-            t0 = time.perf_counter()
-            s.run(None, feeds)
-            reps[key] = max(2, int(a.min_seconds / (time.perf_counter() - t0)))
-        times = {key: [] for key in fns}
-        for _ in range(a.rounds):
-            for key, s in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(reps[key]):
-                    s.run(None, feeds)
-                times[key].append((time.perf_counter() - t0) / reps[key] * 1e3)
-    ms = {key: (min(v), statistics.median(v)) for key, v in times.items()}
+                np.testing.assert_allclose(s.run(None, feeds)[0], ref, rtol=1e-4, atol=1e-4)  # each its own module
+                fns[label, threads, spin] = as_fn(s)
+        # interleaved rounds at batch 1 (checked above, so none against time_interleaved's one module)
+        [(_, ms)] = time_interleaved(fns, module, [1], a.rounds, a.min_seconds, unchecked=frozenset(fns))
 
     lines = ["# What a cheaper network would buy (batch-1 ONNX Runtime forward)", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
@@ -130,7 +117,7 @@ def main(argv=None) -> None:
         spin, one = ms[label, 2, True], ms[label, 1, False]
         lines.append(f"| {label} | {params:,} | {flops / 1e6:.0f} | {nodes} | {spin[0]:.2f} ({spin[1]:.2f}) | "
                      f"{one[0]:.2f} ({one[1]:.2f}) |")
-    emit(lines, a.out)
+    emit(lines, a.out, append=True)  # runs add up in one file: on this VM one run is not enough
 
 
 if __name__ == "__main__":

@@ -64,9 +64,9 @@ PRESETS: dict[str, UNetConfig] = {
     # 1000-step request for 4 images fits in 30 s on 2 CPU cores (bench/results/cpu-preset.md).
     "cpu32": UNetConfig(image_size=32, base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
                         attn_resolutions=(8,), dropout=0.1, num_groups=8),
-    # cpu32 one level shallower (lowest resolution 16x16, attention only in the middle): the size whose 1000
-    # batch-1 forwards fit in 3 s on 2 cores. Trained once and not shipped: FID 152 against cpu32's 75, and 4.3 s
-    # a request all the same (bench/results/cheaper-networks-cpu.md, issue 21).
+    # cpu32 one level shallower (lowest resolution 16x16, attention only in the middle): of the variants timed, the
+    # one whose 1000 batch-1 forwards came near 3 s on 2 cores. Trained once and not shipped: FID 152 against
+    # cpu32's 75, and 4.3 s a request all the same (bench/results/cheaper-networks-cpu.md, issue 21).
     "cpu32-lite": UNetConfig(image_size=32, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                              attn_resolutions=(), dropout=0.1, num_groups=8),
     # For tests: an 8x8 model that runs the real 1000-step loop in seconds.

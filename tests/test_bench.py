@@ -52,7 +52,7 @@ TINY_RUNS = {
     "chain_in_graph.py": ["--steps", "20", "--chain", "5", "10", "--loop", "20", "--rounds", "1"],
 }
 
-FIRST_ROW = {"cheaper_networks.py": "| as the weights (shipped) |"}
+FIRST_ROW = {"cheaper_networks.py": "| the weights' own network |"}
 
 
 @pytest.mark.parametrize("script", TINY_RUNS)
@@ -64,7 +64,7 @@ def test_benchmark_runs_on_the_tiny_model_and_writes_its_table(script, tiny_weig
     text = out.read_text()
     assert text in r.stdout  # what it printed is what it wrote
     assert f"- command: `python bench/{script} {shlex.join(argv)}`" in text  # the exact command, to run it again
-    first = FIRST_ROW.get(script, "| 1 |")  # batch 1's row, or the shipped network's
+    first = FIRST_ROW.get(script, "| 1 |")  # batch 1's row, or the weights' own network's
     rows = [line for line in text.splitlines() if line.startswith(first)]
     assert len(rows) == 1 and "nan" not in rows[0] and "inf" not in rows[0], text
 
