@@ -45,16 +45,15 @@ def variants(cfg: UNetConfig) -> dict[str, tuple[UNetConfig, bool]]:
     """label -> (config, GroupNorm left out): the weights' own network and cheaper ones derived from it."""
     base = max(4, cfg.base_channels * 3 // 4)
     fewer = cfg.channel_mult[:-1] or cfg.channel_mult
+    shallower = dataclasses.replace(cfg, channel_mult=fewer, attn_resolutions=())
     return {
         "the weights' own network": (cfg, False),
         "no attention in the levels (the middle one kept)": (dataclasses.replace(cfg, attn_resolutions=()), False),
         f"base {base} channels instead of {cfg.base_channels}": (
             dataclasses.replace(cfg, base_channels=base, num_groups=math.gcd(base, cfg.num_groups)), False),
-        f"one level fewer (mult {'-'.join(map(str, fewer))}, no level attention)": (
-            dataclasses.replace(cfg, channel_mult=fewer, attn_resolutions=()), False),
+        f"one level fewer (mult {'-'.join(map(str, fewer))}, no level attention)": (shallower, False),
         "the weights' own, every GroupNorm left out (floor)": (cfg, True),
-        "one level fewer, every GroupNorm left out (floor)": (
-            dataclasses.replace(cfg, channel_mult=fewer, attn_resolutions=()), True),
+        "one level fewer, every GroupNorm left out (floor)": (shallower, True),
     }
 
 
