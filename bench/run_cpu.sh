@@ -25,7 +25,7 @@ python bench/chain_in_graph.py --weights $W --rounds 5 --no-spin --loop --out be
 python bench/chain_in_graph.py --weights $W --rounds 5 --no-spin --batch 2 --loop --out bench/results/chain-in-graph-cpu.md
 python bench/sampler.py --weights $W --runner auto auto+spin --batch 1 4 16 64 --steps 1000 1000 100 50 --repeat 3 \
     --out bench/results/sampler-cpu.md
-env -u OMP_WAIT_POLICY python bench/service_load.py latency --weights $W --n 1 4 --variants default spin --repeat 5 \
+env -u OMP_WAIT_POLICY python bench/service_load.py latency --weights $W --n 1 4 --variants default spin script --repeat 5 \
     --out bench/results/service-latency-cpu.md
 python bench/service_load.py load --weights $W --clients 1 4 16 64 --duration 20 --max-batch 64 1 \
     --body '{"n": 1, "sampler": "ddim", "steps": 20}' --out bench/results/service-load-cpu.md

@@ -1,8 +1,9 @@
 """Service benchmark on loopback: request latency, and a bounded load test with N concurrent clients.
 
-    # seconds for {"n": 1} and {"n": 4} at 1000 ddpm steps through the running service, with its default settings
-    # and with SPIN_THREADS on (a batch smaller than the cores on spinning ONNX Runtime threads)
-    python bench/service_load.py latency --weights weights/celeba32-cpu.safetensors --variants default spin \
+    # seconds for {"n": 1} and {"n": 4} at 1000 ddpm steps through the running service, with its default settings,
+    # with SPIN_THREADS on (a batch smaller than the cores on spinning ONNX Runtime threads) and on the TorchScript
+    # runner (the service before ONNX Runtime)
+    python bench/service_load.py latency --weights weights/celeba32-cpu.safetensors --variants default spin script \
         --out bench/results/service-latency-cpu.md
     # (then the same weights in diffusers' DDPMPipeline at the same batch sizes, for comparison)
     # throughput and p50/p99 latency, continuous batching (max batch 16) vs none (max batch 1), in one run
@@ -99,7 +100,9 @@ def summary(measured, theirs: dict) -> list[str]:
     return out
 
 
-VARIANTS = {"default": [], "spin": ["--spin-threads", "true"]}  # service flags measured side by side in latency
+# service flags measured side by side in latency; "script" is the TorchScript runner, the one issue 21 timed at ~6 s
+# for {"n": 1}, so a run on a slow day of this VM can still say how far the ONNX runner moved from it
+VARIANTS = {"default": [], "spin": ["--spin-threads", "true"], "script": ["--runner", "script"]}
 
 
 def latency(a, argv) -> str:
@@ -117,9 +120,11 @@ def latency(a, argv) -> str:
                     assert resp.status_code == 200 and len(resp.json()["images"]) == n, resp.text[:200]
                     measured.append((variant, n, dt, resp.json()["timings"]))
                     print(f"{variant} n={n}: {dt:.2f} s", flush=True)
-        info = httpx.get(url + "/v1/model", timeout=10).json()
+        infos = {v: httpx.get(url + "/v1/model", timeout=10).json() for v, url in urls.items()}
     measured.sort(key=lambda m: (m[1], a.variants.index(m[0])))  # table rows by n, then variant
-    runner, device, dtype_name = info.get("runner"), info.get("device", "cpu"), info.get("dtype", "fp32")
+    info = infos[a.variants[0]]
+    device, dtype_name = info.get("device", "cpu"), info.get("dtype", "fp32")
+    runners = ", ".join(f"{' '.join(VARIANTS[v]) or 'defaults'}: `{i.get('runner')}`" for v, i in infos.items())
     theirs = {}
     if a.diffusers:
         import torch
@@ -143,8 +148,8 @@ def latency(a, argv) -> str:
         f"DDPMScheduler with the same schedule and prediction type, no clipping), same batch size, {device} "
         f"{dtype_name}, run after the service stopped; it returns arrays, so it has no HTTP or PNG work to do. "
         f"The services (one per variant, all up at once, requests interleaved: variant after variant, "
-        f"{a.repeat} round(s)) were ready {READY_S[0]:.1f} s after they started and ran the U-Net on the "
-        f"`{runner}` runner "
+        f"{a.repeat} round(s)) were ready {READY_S[0]:.1f} s after they started and ran the U-Net on these runners "
+        f"({runners}) "
         "with OMP_WAIT_POLICY=PASSIVE (its setting); "
         "diffusers with OMP_WAIT_POLICY "
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default: its best alone)')}.",
@@ -209,7 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, nargs="+", default=[1, 4], help="latency: images per request")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["default"],
-                   help="latency: service settings to measure, one service each (spin: --spin-threads true)")
+                   help="latency: service settings to measure, one service each (spin: --spin-threads true; "
+                   "script: --runner script)")
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false",
                    help="latency: skip the diffusers DDPMPipeline comparison")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the diffusers run (default: all)")
