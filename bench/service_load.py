@@ -100,8 +100,8 @@ def summary(measured, theirs: dict) -> list[str]:
     return out
 
 
-# service flags measured side by side in latency; "script" is the TorchScript runner, the one issue 21 timed at ~6 s
-# for {"n": 1}, so a run on a slow day of this VM can still say how far the ONNX runner moved from it
+# service flags measured side by side in latency; "script" is the TorchScript runner, the service's before ONNX
+# Runtime's, so a run on a slow day of this VM can still say in its own figures how far the ONNX runner moved from it
 VARIANTS = {"default": [], "spin": ["--spin-threads", "true"], "script": ["--runner", "script"]}
 
 
