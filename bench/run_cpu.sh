@@ -23,6 +23,7 @@ rm -f bench/results/chain-in-graph-cpu.md  # its runs add to the file: batch 1 a
 python bench/chain_in_graph.py --weights $W --rounds 5 --chain 5 10 20 50 --out bench/results/chain-in-graph-cpu.md
 python bench/chain_in_graph.py --weights $W --rounds 5 --no-spin --loop --out bench/results/chain-in-graph-cpu.md
 python bench/chain_in_graph.py --weights $W --rounds 5 --no-spin --batch 2 --loop --out bench/results/chain-in-graph-cpu.md
+python bench/parallel_in_time.py --weights $W --rounds 3 --out bench/results/parallel-in-time-cpu.md
 python bench/sampler.py --weights $W --runner auto auto+spin --batch 1 4 16 64 --steps 1000 1000 100 50 --repeat 3 \
     --out bench/results/sampler-cpu.md
 env -u OMP_WAIT_POLICY python bench/service_load.py latency --weights $W --n 1 4 --variants default spin script --repeat 5 \

@@ -50,9 +50,10 @@ TINY_RUNS = {
     "sampler.py": ["--batch", "1", "--steps", "5", "--repeat", "1"],
     "cheaper_networks.py": ["--rounds", "1", "--min-seconds", "0.05"],
     "chain_in_graph.py": ["--steps", "20", "--chain", "5", "10", "--loop", "20", "--rounds", "1"],
+    "parallel_in_time.py": ["--steps", "50", "--windows", "4", "--tols", "0.01", "--rounds", "1"],
 }
 
-FIRST_ROW = {"cheaper_networks.py": "| the weights' own network |"}
+FIRST_ROW = {"cheaper_networks.py": "| the weights' own network |", "parallel_in_time.py": "| forward |"}
 
 
 @pytest.mark.parametrize("script", TINY_RUNS)
@@ -67,6 +68,32 @@ def test_benchmark_runs_on_the_tiny_model_and_writes_its_table(script, tiny_weig
     first = FIRST_ROW.get(script, "| 1 |")  # batch 1's row, or the weights' own network's
     rows = [line for line in text.splitlines() if line.startswith(first)]
     assert len(rows) == 1 and "nan" not in rows[0] and "inf" not in rows[0], text
+
+
+def test_picard_iteration_lands_on_the_serial_chain(monkeypatch):
+    """bench/parallel_in_time.py's sampler is the same chain computed another way: with a tight tolerance its last
+    state is the serial loop's, for a nonlinear stand-in U-Net and a window that does not divide the steps."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import numpy as np
+    from parallel_in_time import picard
+
+    rng = np.random.default_rng(0)
+    K, shape = 37, (3, 4, 4)
+    coef = np.stack([np.arange(K - 1, -1, -1), rng.uniform(0.98, 1.02, K), rng.uniform(-0.2, -0.05, K),
+                     np.r_[rng.uniform(0.01, 0.1, K - 1), 0.0]], axis=1)
+    x_T, z = rng.standard_normal(shape).astype(np.float32), rng.standard_normal((K, *shape)).astype(np.float32)
+
+    def forward(x, t):  # depends on the state and its step, like the U-Net
+        return np.tanh(x * 1.5 + (t / K).reshape(-1, 1, 1, 1)).astype(np.float32)
+
+    x = x_T
+    for k in range(K):
+        x = coef[k, 1] * x + coef[k, 2] * forward(x[None], coef[k:k + 1, 0])[0] + coef[k, 3] * z[k]
+    for window in (1, 5, 8):
+        out, iterations, evaluated = picard(forward, x_T, coef, z, window, tol=1e-6)
+        np.testing.assert_allclose(out, x, atol=1e-5)
+        assert evaluated >= K and iterations <= K  # never fewer rows than the serial chain, never more calls
+    assert picard(forward, x_T, coef, z, 1, tol=1e-6)[1:] == (K, K)  # a window of 1 is the serial chain
 
 
 def test_command_records_the_arguments_quoted(monkeypatch):
