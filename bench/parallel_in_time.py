@@ -49,7 +49,7 @@ def picard(forward, x_T: np.ndarray, coef: np.ndarray, z: np.ndarray, window: in
     forward(x (B, C, H, W), t (B,)) -> the U-Net's output; coef (K, 4): t, a, b, c per step; z (K, C, H, W)."""
     K = len(coef)
     t, a, b, c = (coef[:, i].astype(np.float32) for i in range(4))
-    scale = np.maximum(c, c[c > 0].min())  # the last step adds no noise: judge it by the smallest scale
+    scale = np.maximum(c, c[c > 0].min() if (c > 0).any() else 1.0)  # the last step adds no noise: the smallest
     xs = np.empty((K + 1, *x_T.shape), np.float32)
     xs[0] = x_T
     for k in range(K):  # first guess: the chain with the U-Net's output taken as 0
