@@ -117,7 +117,8 @@ def main(argv=None) -> None:
         engine.runner.chain_steps = chain_steps
         t0 = time.perf_counter()
         image = generate(engine, [a.seed], "ddpm", a.steps, batch_size=1)[0]
-        return time.perf_counter() - t0, image, None
+        calls = -(-a.steps // chain_steps) if chain_steps else a.steps
+        return time.perf_counter() - t0, image, (calls, a.steps)
 
     def by_picard(window: int, tol: float):
         t0 = time.perf_counter()
@@ -142,8 +143,7 @@ def main(argv=None) -> None:
             diffs[name].append((int(d.max()), float((d > 1).mean())))
             if r:
                 times[name].append(dt)
-            if count:
-                counts[name] = count
+            counts[name] = count
 
     first = next(iter(ways))
     best = {name: min(v) for name, v in times.items()}
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in ways:
-        calls, rows = counts.get(name, (a.steps if "one call" in name else -(-a.steps // chained), a.steps))
+        calls, rows = counts[name]
         worst, share = max(d for d, _ in diffs[name]), max(s for _, s in diffs[name])
         lines.append(f"| {name} | {best[name]:.2f} ({statistics.median(times[name]):.2f}) | "
                      f"{best[first] / best[name]:.2f}x | {calls} | {rows} | {worst} | {share:.2%} |")
