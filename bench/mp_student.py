@@ -11,7 +11,7 @@ GroupNorms (six nodes each) are what a graph without them saves (docs/cpu-latenc
 with the norms simply left out lost its faces. EDM2's recipe keeps activations at unit scale without normalising
 them: every conv and linear row is held at unit norm (forced weight normalisation) and each layer's output is
 scaled by constants so that unit-variance inputs give unit-variance outputs (MP-SiLU, MP sums). Here those
-constants sit where they fold into the next or previous convolution (`bake()`), so at inference the graph is
+constants sit where they fold into the next or previous convolution (`Baked`), so at inference the graph is
 convolutions, SiLUs, the residual adds (which ONNX Runtime fuses into the convolutions), the attention and one
 multiply per block for the time conditioning. Differences from EDM2: no pixel norm in the encoder, plain
 concatenation of the skips, residuals x + g y (g fixed) where the skip is the identity, a conv bias on the input
@@ -39,16 +39,15 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from model.unet import timestep_embedding  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
+from data_loading import TAR as DATA  # noqa: E402  (bench/data_loading.py: the shared CelebA tar)
 from report import command, emit  # noqa: E402
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared/data/celeba/img_align_celeba_89x109_000001-009000.tar"
 RB, AB = 0.3, 0.3  # residual and attention balance (EDM2's 0.3)
 S_RB = math.sqrt((1 - RB) ** 2 + RB ** 2)
 MP_SILU = 0.596  # std of silu(x), x ~ N(0, 1)
@@ -283,6 +282,7 @@ def load_student(path: str, alphas_cumprod: torch.Tensor) -> Baked:
 def train(a) -> None:
     """Distil cpu32 (the teacher's eps at the student's x_t and t) into an MPUNet; checkpoints hold both weights."""
     from train.data import load_images, to_model_range
+    from train.train import ema_update
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -311,10 +311,7 @@ def train(a) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        ema_update(ema, model, step, 0.999)
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
         last = step == a.steps - 1
         if step % 50 == 0 or last:
@@ -356,58 +353,40 @@ def evaluate(a) -> None:
 
 
 def timing(a) -> None:
-    """cpu32 and the baked student side by side: ORT graph nodes, the batch-1 forward (interleaved rounds of 100
-    calls), and the 1000-step ddpm chain at batch 1 through the engine (chained steps), with and without spinning."""
-    import onnx
+    """cpu32 and the baked student side by side: ORT graph nodes, the batch-1 forward (bench/runner.py's interleaved
+    timer), and the 1000-step ddpm chain at batch 1 through the engine (chained steps), with and without spinning."""
     import onnxruntime as ort
 
+    from cheaper_networks import optimized_nodes
     from model.engine import SamplerEngine, generate
     from model.runner_onnx import export
+    from runner import time_interleaved
+    from runner_profile import as_fn, session
 
     w = load_weights(a.weights)
-    nets = {f"teacher, {Path(a.weights).name}": w.unet.eval(),
-            "MP student (baked)": load_student(a.ckpt, w.diffusion.alphas_cumprod)}
-    c = w.unet.config
-    x = torch.randn(1, c.in_channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([500.0])
-    rows, chains = {}, {}
+    teacher, student = f"teacher, {Path(a.weights).name}", "MP student (baked)"
+    nets = {teacher: w.unet.eval(), student: load_student(a.ckpt, w.diffusion.alphas_cumprod)}
+    options = ((2, True), (1, False))  # (ORT intra-op threads, spinning): SPIN_THREADS and the service's default
+    rows, chains, fns = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = {}
-        for name, net in nets.items():
-            path = Path(tmp) / f"{len(sessions)}.onnx"
+        for i, (name, net) in enumerate(nets.items()):
+            path = Path(tmp) / f"{i}.onnx"
             export(net, path)
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.log_severity_level = 3
-            so.add_free_dimension_override_by_name("batch", 1)
-            so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
-            ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            nodes = len(onnx.load(so.optimized_model_filepath).graph.node)
-            for threads, spin in ((2, True), (1, False)):
-                so = ort.SessionOptions()
-                so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-                so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-                so.add_free_dimension_override_by_name("batch", 1)
-                s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-                with torch.inference_mode():
-                    err = float(np.abs(s.run(None, {"x": x.numpy(), "t": t.numpy()})[0] - net(x, t).numpy()).max())
-                assert err < 1e-4, f"{name}: the ONNX graph is {err:.2g} off the module"
-                sessions[(name, threads, spin)] = s
-            rows[name] = {"nodes": nodes}
-        feed = {"x": x.numpy(), "t": t.numpy()}
-        times = {k: [] for k in sessions}
-        for _ in range(a.rounds * 3):
-            for k, s in sessions.items():
-                for _ in range(20):
-                    s.run(None, feed)
-                calls = []
-                for _ in range(100):
-                    t0 = time.perf_counter()
-                    s.run(None, feed)
-                    calls.append(time.perf_counter() - t0)
-                times[k].append(statistics.median(calls) * 1e3)
-        for (name, threads, spin), v in times.items():
-            rows[name][(threads, spin)] = (min(v), statistics.median(v))
+            rows[name] = {"nodes": optimized_nodes(path)}
+            for threads, spin in options:
+                fns[(name, threads, spin)] = as_fn(session(path, threads, spin))
+        c = w.unet.config
+        x, t = torch.randn(1, c.in_channels, c.image_size, c.image_size), torch.tensor([500.0])
+        with torch.inference_mode():  # the timer checks the teacher's graphs against the teacher; this, the student's
+            for threads, spin in options:
+                torch.testing.assert_close(fns[(student, threads, spin)](x, t), nets[student](x, t), rtol=1e-4,
+                                           atol=1e-4)
+        labels = {f"{name}, {threads} thread(s)": (name, threads, spin) for name, threads, spin in fns}
+        [(_, timed)] = time_interleaved({label: fns[key] for label, key in labels.items()}, nets[teacher], [1],
+                                        a.rounds * 3, a.min_seconds,
+                                        unchecked=frozenset(k for k, v in labels.items() if v[0] == student))
+        for label, (name, threads, spin) in labels.items():
+            rows[name][(threads, spin)] = timed[label]
         for spin in (True, False):
             engines = {k: SamplerEngine(v, w.diffusion, "cpu", torch.float32, runner="onnx", cache_dir=Path(tmp),
                                         spin=spin) for k, v in nets.items()}
@@ -426,7 +405,8 @@ def timing(a) -> None:
              f"torch {torch.__version__}, onnxruntime {ort.__version__}",
              f"- command: `{command(__file__)}`",
              f"- student: {a.ckpt}", "",
-             f"ms per batch-1 forward, best (median) of {a.rounds * 3} interleaved rounds of 100 calls; seconds for "
+             f"ms per batch-1 forward, best (median) of {a.rounds * 3} interleaved rounds of ~{a.min_seconds} s; "
+             "seconds for "
              f"the {a.chain_steps}-step ddpm chain at batch 1 through the engine (10 chained steps per ORT call), "
              f"best (median) of {a.rounds} interleaved runs:", "",
              "| network | ORT nodes | forward, 2 threads spinning | forward, 1 thread | chain, SPIN_THREADS | chain, "
@@ -461,6 +441,7 @@ def main(argv=None) -> None:
     tm.add_argument("ckpt")
     tm.add_argument("--rounds", type=int, default=5)
     tm.add_argument("--chain-steps", type=int, default=1000)
+    tm.add_argument("--min-seconds", type=float, default=0.3, help="per graph per forward round")
     tm.add_argument("--out", default=None)
     for s in (tr, ev, tm):
         s.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="the teacher (cpu32)")
