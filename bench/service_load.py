@@ -108,6 +108,13 @@ VARIANTS = {"default": [], "spin": ["--spin-threads", "true"], "script": ["--run
 def latency(a, argv) -> str:
     """1000-step ddpm requests one at a time through the service; then, with the service stopped, the same
     weights in diffusers' DDPMPipeline (a plain diffusers deployment's compute) at the same batch sizes."""
+    sys.path.insert(0, str(ROOT))
+    from model.weights import read_metadata
+
+    baseline = a.baseline_weights or a.weights
+    if a.diffusers and read_metadata(baseline).get("architecture", "unet") != "unet":
+        raise SystemExit(f"error: {baseline} is not a U-Net, which DDPMPipeline needs: pass --baseline-weights (the "
+                         "U-Net it was distilled from) or --no-diffusers")
     measured = []
     with ExitStack() as stack:  # every variant's service up at once (an idle one sleeps), requests interleaved
         urls = {v: stack.enter_context(service(a.weights, a.max_batch[0], VARIANTS[v])) for v in a.variants}
@@ -134,7 +141,7 @@ def latency(a, argv) -> str:
         from model.weights import load_weights
 
         torch.set_num_threads(a.threads or os.cpu_count())
-        w = load_weights(a.weights)
+        w = load_weights(a.baseline_weights or a.weights)
         for n in a.n:  # on the service's device and dtype
             theirs[n] = time_diffusers(w, torch.device(device), DTYPES[dtype_name], n, 1000)
             print(f"diffusers n={n}: {theirs[n]:.2f} s", flush=True)
@@ -144,7 +151,9 @@ def latency(a, argv) -> str:
         flags = " ".join(VARIANTS[variant]) or "defaults"
         rows.append(f"| {n} | {flags} | 1000 (ddpm) | {dt:.2f} | {t['queue_s']:.3f} | {t['generate_s']:.2f} | {d} |")
     return "\n".join(header("Service latency, 1000-step ddpm requests, one at a time", argv) + [
-        "diffusers: the same weights in diffusers' DDPMPipeline (UNet2DModel via model/diffusers_compat.py, "
+        ("diffusers: the same weights" if not a.baseline_weights else
+         f"diffusers: other weights, {a.baseline_weights} (the service's are distilled from them),")
+        + " in diffusers' DDPMPipeline (UNet2DModel via model/diffusers_compat.py, "
         f"DDPMScheduler with the same schedule and prediction type, no clipping), same batch size, {device} "
         f"{dtype_name}, run after the service stopped; it returns arrays, so it has no HTTP or PNG work to do. "
         f"The services (one per variant, all up at once, requests interleaved: variant after variant, "
@@ -219,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false",
                    help="latency: skip the diffusers DDPMPipeline comparison")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the diffusers run (default: all)")
+    p.add_argument("--baseline-weights", default=None,
+                   help="latency: weights for the DDPMPipeline run (default: --weights; an mp-unet needs its teacher)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--max-batch", type=int, nargs="+", default=[16])

@@ -108,6 +108,9 @@ def diffusers_to_ours_state(state: dict[str, torch.Tensor], cfg: UNetConfig) -> 
 def to_diffusers(unet: UNet):
     from diffusers import UNet2DModel
 
+    if not isinstance(unet, UNet):
+        raise ValueError(f"{type(unet).__name__} has no diffusers equivalent: UNet2DModel is the DDPM U-Net "
+                         "(model/unet.py); an mp-unet (model/mp_unet.py) has no GroupNorms and scales its layers")
     model = UNet2DModel(**diffusers_config(unet.config))
     model.load_state_dict(ours_to_diffusers_state(unet), strict=True)
     return model.eval()

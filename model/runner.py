@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .runner_onnx import CHAIN_STEPS, ChainUnavailable
+from .mp_unet import Baked
 from .unet import UNet
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,9 @@ class ModelRunner:
         if mode == "graphs" and device.type != "cuda":
             raise ValueError("runner mode 'graphs' is for CUDA; CPU runs onnx, script or eager")
         if mode == "auto":
-            # Only our own U-Net is known to trace into a batch-size-independent graph (tests/test_runner.py).
+            # Only our own U-Nets are known to trace into a batch-size-independent graph (tests/test_runner.py).
             compiled = "onnx" if dtype == torch.float32 else "script"
-            if not isinstance(module, UNet):
+            if not isinstance(module, (UNet, Baked)):
                 mode = "eager"
             else:
                 mode = compiled if device.type == "cpu" else "graphs"

@@ -1,7 +1,9 @@
 """Self-describing weights: a safetensors file whose header metadata holds everything needed to rebuild the model.
 
 Metadata (all strings, as safetensors requires): format, name, unet_config (JSON), schedule (JSON), image_size,
-dataset, training_steps, code_version and, optionally, training (JSON: command, data range, ...).
+dataset, training_steps, code_version and, optionally, training (JSON: command, data range, ...) and architecture:
+"unet" (model/unet.py, the default when absent) or "mp-unet" (model/mp_unet.py: its trained form is stored, and
+loading returns it baked into plain layers).
 Loading needs nothing else, and never unpickles anything.
 """
 
@@ -19,9 +21,11 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .diffusion import Diffusion, ScheduleConfig
+from .mp_unet import Baked, MPConfig, MPUNet
 from .unet import UNet, UNetConfig
 
 FORMAT = "celeba-ddpm.unet/1"
+ARCHITECTURES = {"unet": UNetConfig, "mp-unet": MPConfig}
 REQUIRED = ("format", "unet_config", "schedule", "image_size", "dataset", "training_steps", "code_version")
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "celeba32-cpu.safetensors"  # CPU: 32x32
 # 64x64, trained for 200 s on an H200 (bench/results/gpu-run-h200.md); too slow for a CPU at 1000 steps
@@ -43,7 +47,7 @@ class WeightsError(ValueError):
 
 @dataclass
 class LoadedWeights:
-    unet: UNet
+    unet: UNet | Baked
     diffusion: Diffusion
     metadata: dict[str, str]
     sha256: str
@@ -54,7 +58,7 @@ class LoadedWeights:
         return self.metadata.get("name") or Path(self.path).stem
 
 
-def save_weights(path: str | os.PathLike, unet: UNet, schedule: ScheduleConfig, *, name: str, dataset: str,
+def save_weights(path: str | os.PathLike, unet: UNet | MPUNet, schedule: ScheduleConfig, *, name: str, dataset: str,
                  training_steps: int, training: dict | None = None, dtype: torch.dtype = torch.float32,
                  extra: dict[str, dict] | None = None) -> None:
     """Write `unet`'s weights (cast to `dtype`) with self-describing metadata, atomically (write, then rename).
@@ -70,6 +74,8 @@ def save_weights(path: str | os.PathLike, unet: UNet, schedule: ScheduleConfig, 
         "training_steps": str(int(training_steps)),
         "code_version": __version__,
     }
+    if isinstance(unet, MPUNet):
+        metadata["architecture"] = "mp-unet"
     if training is not None:
         metadata["training"] = json.dumps(training)
     for key, value in (extra or {}).items():
@@ -113,20 +119,24 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def load_weights(path: str | os.PathLike = DEFAULT_WEIGHTS, device: str | torch.device = "cpu") -> LoadedWeights:
     metadata = read_metadata(path)
+    arch = metadata.get("architecture", "unet")
+    if arch not in ARCHITECTURES:
+        raise WeightsError(path, f"unknown architecture {arch!r} (this version knows {', '.join(ARCHITECTURES)})")
     try:
-        config = UNetConfig.from_dict(json.loads(metadata["unet_config"]))
+        config = ARCHITECTURES[arch].from_dict(json.loads(metadata["unet_config"]))
         schedule = ScheduleConfig.from_dict(json.loads(metadata["schedule"]))
     except (ValueError, TypeError) as e:
         raise WeightsError(path, f"bad architecture or schedule in metadata: {e}") from None
     if int(metadata["image_size"]) != config.image_size:
         raise WeightsError(path, f"metadata image_size {metadata['image_size']} != unet_config's {config.image_size}")
-    unet = UNet(config)
+    diffusion = Diffusion(schedule)
+    net = UNet(config) if arch == "unet" else MPUNet(diffusion.alphas_cumprod, config)
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(path, f"cannot read tensors (truncated file?): {e}") from None
-    expected = unet.state_dict()
+    expected = net.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -139,6 +149,6 @@ def load_weights(path: str | os.PathLike = DEFAULT_WEIGHTS, device: str | torch.
                                      f"the config needs {tuple(v.shape)}")
         if not tensors[k].is_floating_point():
             raise WeightsError(path, f"tensor {k} has dtype {tensors[k].dtype}, expected floating point")
-    unet.load_state_dict({k: v.float() for k, v in tensors.items()})
-    unet.eval()
-    return LoadedWeights(unet.to(device), Diffusion(schedule), metadata, file_sha256(path), str(path))
+    net.load_state_dict({k: v.float() for k, v in tensors.items()})
+    unet = net.eval() if arch == "unet" else Baked(net)
+    return LoadedWeights(unet.to(device), diffusion, metadata, file_sha256(path), str(path))

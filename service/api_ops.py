@@ -45,7 +45,8 @@ def ops_router(settings: Settings) -> APIRouter:
     @router.get("/v1/model", response_model=ModelInfo, summary="The served model")
     async def model_info(rt: Runtime = Depends(runtime)):
         w, cfg = rt.weights, rt.weights.unet.config
-        return ModelInfo(name=w.name, sha256=w.sha256, resolution=cfg.image_size, architecture=cfg.to_dict(),
+        return ModelInfo(name=w.name, sha256=w.sha256, resolution=cfg.image_size,
+                         architecture={"kind": w.metadata.get("architecture", "unet"), **cfg.to_dict()},
                          parameters=count_parameters(rt.engine.unet), schedule=w.diffusion.config.to_dict(),
                          dataset=w.metadata.get("dataset", ""), training_steps=int(w.metadata["training_steps"]),
                          device=str(rt.engine.device), dtype=DTYPE_NAMES[rt.engine.dtype],

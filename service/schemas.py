@@ -160,7 +160,7 @@ class ModelInfo(BaseModel):
     name: str
     sha256: str
     resolution: int
-    architecture: dict
+    architecture: dict = Field(description="kind: unet (model/unet.py) or mp-unet (model/mp_unet.py), and its shape")
     parameters: int
     schedule: dict
     dataset: str

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.diffusion import ScheduleConfig
+from model.diffusion import Diffusion, ScheduleConfig
+from model.mp_unet import MPConfig, MPUNet
 from model.unet import PRESETS, UNet
 from model.weights import save_weights
 
@@ -29,6 +30,18 @@ def make_tiny_weights(path: Path, seed: int = 0, preset: str = "tiny") -> Path:
     unet = UNet(PRESETS[preset])
     save_weights(path, unet, ScheduleConfig(), name="tiny-test", dataset="random init (tests)", training_steps=0)
     return path
+
+
+def mp_unet_like_trained(cfg: MPConfig, seed: int = 0) -> MPUNet:
+    """An mp-unet (model/mp_unet.py) whose gains are not their initial zeros, which would hide how they fold."""
+    torch.manual_seed(seed)
+    m = MPUNet(Diffusion().alphas_cumprod, cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 0:
+                p.uniform_(0.3, 1.5)
+        m.conv_in_bias.normal_()
+    return m.eval()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, needs_celeba
+from conftest import ROOT
 
 SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if "argparse" in p.read_text())
 
@@ -121,47 +121,28 @@ def test_report_writes_or_appends_the_printed_section(tmp_path, capsys, monkeypa
     assert capsys.readouterr().out.endswith("# E\n\n")
 
 
-def test_mp_student_baked_is_the_trained_network(monkeypatch):
-    """bench/mp_student.py folds weight normalisation, MP scales, gains and the attention scale into plain layers:
-    the baked network computes what the trained one does, at every timestep, for cpu32's shape and the tiny one's."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import torch
-    from mp_student import Baked, MPConfig, MPUNet
+def test_mp_student_times_an_mp_unet_beside_its_teacher(tiny_weights, tmp_path):
+    """bench/mp_student.py writes its table (nodes, forward, chain) for the teacher and an mp-unet weights file;
+    bench/service_load.py asks for the teacher to time DDPMPipeline with."""
+    from conftest import mp_unet_like_trained
 
-    from model.diffusion import Diffusion
+    from model.diffusion import ScheduleConfig
+    from model.mp_unet import MPConfig
     from model.unet import PRESETS
+    from model.weights import save_weights
 
-    for cfg in (MPConfig(), MPConfig.like(PRESETS["tiny"])):
-        torch.manual_seed(0)
-        m = MPUNet(Diffusion().alphas_cumprod, cfg)
-        with torch.no_grad():  # trained gains are not zero (their initial value would hide the folding)
-            for p in m.parameters():
-                if p.ndim == 0:
-                    p.uniform_(0.3, 1.5)
-            m.conv_in_bias.normal_()
-        m.eval()
-        x = torch.randn(3, cfg.in_channels, cfg.image_size, cfg.image_size)
-        t = torch.tensor([999.0, 500.0, 0.0])
-        with torch.no_grad():
-            ref = m(x, t)
-            torch.testing.assert_close(Baked(m)(x, t), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
-        assert not any(p.requires_grad for p in Baked(m).parameters())
-
-
-@needs_celeba()
-def test_mp_student_trains_and_times_on_the_tiny_model(tiny_weights, celeba_tar, tmp_path):
-    """The experiment's commands run end to end on the tiny teacher: a few distillation steps write a checkpoint
-    and its log, and `time` writes its table (forward and chain) for the teacher and the baked student."""
-    ckpt, out = tmp_path / "student.pt", tmp_path / "results" / "mp.md"
-    r = run_bench("mp_student.py", ["train", "--weights", str(tiny_weights), "--data", str(celeba_tar), "--range",
-                                    "1-200", "--steps", "3", "--batch-size", "4", "--out", str(ckpt)], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert ckpt.is_file() and '"step": 2' in ckpt.with_suffix(".jsonl").read_text()
-    argv = ["time", str(ckpt), "--weights", str(tiny_weights), "--rounds", "1", "--chain-steps", "20",
-            "--out", str(out)]
+    student, out = tmp_path / "mp.safetensors", tmp_path / "results" / "mp.md"
+    save_weights(student, mp_unet_like_trained(MPConfig.like(PRESETS["tiny"])), ScheduleConfig(), name="mp",
+                 dataset="random (tests)", training_steps=0)
+    argv = [str(student), "--weights", str(tiny_weights), "--rounds", "1", "--chain-steps", "20", "--out", str(out)]
     r = run_bench("mp_student.py", argv, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    r = run_bench("mp_student.py", [str(tiny_weights), "--weights", str(tiny_weights)], timeout=300)
+    assert r.returncode != 0 and "not mp-unet weights" in r.stderr
+    # DDPMPipeline cannot run it: service_load says what to pass before it starts a service
+    r = run_bench("service_load.py", ["latency", "--weights", str(student)], timeout=60)
+    assert r.returncode != 0 and "pass --baseline-weights" in r.stderr
     text = out.read_text()
     assert f"- command: `python bench/mp_student.py {shlex.join(argv)}`" in text
-    rows = [line for line in text.splitlines() if line.startswith(("| teacher, tiny", "| MP student"))]
+    rows = [line for line in text.splitlines() if line.startswith(("| teacher, tiny", "| mp-unet, mp"))]
     assert len(rows) == 2 and all(row.count("|") == 7 and "nan" not in row for row in rows), text

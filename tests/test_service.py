@@ -190,7 +190,8 @@ def test_health_model_and_openapi(served):
     assert httpx.get(url + "/readyz").json()["status"] == "ready"
     info = httpx.get(url + "/v1/model").json()
     assert info["resolution"] == 8 and info["schedule"]["num_timesteps"] == 1000 and info["device"] == "cpu"
-    assert info["dtype"] == "fp32" and len(info["sha256"]) == 64 and info["architecture"]["base_channels"] == 16
+    assert info["dtype"] == "fp32" and len(info["sha256"]) == 64
+    assert info["architecture"]["kind"] == "unet" and info["architecture"]["base_channels"] == 16
     assert info["runner"] == "onnx"  # CPU default: the U-Net on ONNX Runtime (model/runner.py)
     spec = httpx.get(url + "/openapi.json").json()
     gen = spec["paths"]["/generate"]["post"]

@@ -1,4 +1,5 @@
-"""Export a run's EMA weights for serving: `python -m train.export RUN_DIR --out weights/NAME.safetensors`."""
+"""Export a run's EMA weights for serving: `python -m train.export RUN_DIR --out weights/NAME.safetensors`.
+RUN_DIR is a train.train run (a U-Net) or a train.distill run (an mp-unet)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from model.diffusion import ScheduleConfig
+from model.diffusion import Diffusion, ScheduleConfig
+from model.mp_unet import MPConfig, MPUNet
 from model.unet import UNet, UNetConfig
 from model.weights import save_weights
 
@@ -33,12 +35,15 @@ def main(argv=None) -> int:
     except Exception as e:  # torch raises several types for truncated or foreign files
         print(f"error: {ckpt}: cannot read checkpoint: {e}", file=sys.stderr)
         return 2
-    cfg = UNetConfig.from_dict(json.loads(state["unet_config"]))
+    schedule = ScheduleConfig.from_dict(json.loads(state["schedule"]))
     meta = json.loads(state.get("meta", "{}"))
-    unet = UNet(cfg)
+    if state.get("architecture") == "mp-unet":  # a train.distill run
+        unet = MPUNet(Diffusion(schedule).alphas_cumprod, MPConfig.from_dict(json.loads(state["unet_config"])))
+    else:
+        unet = UNet(UNetConfig.from_dict(json.loads(state["unet_config"])))
     unet.load_state_dict(state["ema"])
     dataset = a.dataset or f"CelebA img_align_celeba ({meta.get('data')}, images {meta.get('range') or 'all'})"
-    save_weights(a.out, unet, ScheduleConfig.from_dict(json.loads(state["schedule"])),
+    save_weights(a.out, unet, schedule,
                  name=a.name or Path(a.out).stem, dataset=dataset,
                  training_steps=int(state["step"]) + int(meta.get("init", {}).get("training_steps", 0)),
                  training={**meta, "ema": True}, dtype=torch.float16 if a.dtype == "fp16" else torch.float32)

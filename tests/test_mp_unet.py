@@ -1,0 +1,137 @@
+"""The mp-unet (model/mp_unet.py): its baked form computes the trained one, its weights describe themselves and load
+baked, the runner compiles it, and train.distill makes such weights from a U-Net's (exported by train.export)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import mp_unet_like_trained, needs_celeba
+from model.diffusers_compat import to_diffusers
+from model.diffusion import Diffusion, ScheduleConfig
+from model.engine import SamplerEngine, generate
+from model.mp_unet import Baked, MPConfig
+from model.runner import ModelRunner
+from model.unet import PRESETS
+from model.weights import WeightsError, load_weights, save_weights
+from train import distill, export
+
+TINY = MPConfig.like(PRESETS["tiny"])
+
+
+@pytest.mark.parametrize("cfg", [MPConfig(), TINY], ids=["cpu32", "tiny"])
+def test_baked_is_the_trained_network(cfg):
+    """Weight normalisation, MP scales, gains and the attention scale folded into plain layers: the same function at
+    every timestep, and nothing left to train."""
+    m = mp_unet_like_trained(cfg)
+    x = torch.randn(3, cfg.in_channels, cfg.image_size, cfg.image_size)
+    t = torch.tensor([999.0, 500.0, 0.0])
+    with torch.no_grad():
+        ref = m(x, t)
+        torch.testing.assert_close(Baked(m)(x, t), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert not any(p.requires_grad for p in Baked(m).parameters())
+
+
+def test_weights_record_the_architecture_and_load_baked(tmp_path):
+    m = mp_unet_like_trained(TINY)
+    path = tmp_path / "mp.safetensors"
+    save_weights(path, m, ScheduleConfig(prediction="v"), name="mp", dataset="random (tests)", training_steps=1)
+    w = load_weights(path)
+    assert w.metadata["architecture"] == "mp-unet" and json.loads(w.metadata["unet_config"]) == TINY.to_dict()
+    assert isinstance(w.unet, Baked) and w.unet.config == TINY and w.diffusion.config.prediction == "v"
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        torch.testing.assert_close(w.unet(x, t), Baked(m)(x, t))
+    # a file naming an architecture this version does not know, or tensors for another shape: named errors
+    meta = dict(w.metadata, architecture="transformer")
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(path), tmp_path / "other.safetensors", metadata=meta)
+    with pytest.raises(WeightsError, match="unknown architecture 'transformer'"):
+        load_weights(tmp_path / "other.safetensors")
+    wide = MPConfig.from_dict({**TINY.to_dict(), "base_channels": 32})
+    save_file(load_file(path), tmp_path / "wide.safetensors",
+              metadata=dict(w.metadata, unet_config=json.dumps(wide.to_dict())))
+    with pytest.raises(WeightsError, match="has shape"):
+        load_weights(tmp_path / "wide.safetensors")
+
+
+def test_runner_compiles_it_and_diffusers_cannot_hold_it(tmp_path):
+    """auto picks ONNX Runtime for the baked network as for the U-Net: same outputs at every batch size (static and
+    dynamic sessions). DDPMPipeline's UNet2DModel has no such layers: a clear error, not a wrong model."""
+    net = Baked(mp_unet_like_trained(TINY))
+    runner = ModelRunner(net, torch.device("cpu"), torch.float32, cache_dir=tmp_path)
+    assert runner.mode == "onnx"
+    with torch.inference_mode():
+        for b in (1, 3, 9):
+            x, t = torch.randn(b, 3, 8, 8), torch.randint(0, 1000, (b,)).float()
+            torch.testing.assert_close(runner(x, t), net(x, t), rtol=1e-5, atol=1e-5)
+    runner.close()
+    with pytest.raises(ValueError, match="no diffusers equivalent"):
+        to_diffusers(net)
+
+
+def test_the_service_serves_mp_unet_weights(tmp_path):
+    """The service takes an mp-unet weights file as it takes a U-Net's: ONNX Runtime runs it, /v1/model says which
+    architecture, and the PNG for a seed is the offline engine's."""
+    import httpx
+    from service_helpers import decode_png, running
+
+    from service.settings import Settings
+
+    path = tmp_path / "mp.safetensors"
+    save_weights(path, mp_unet_like_trained(TINY), ScheduleConfig(prediction="v"), name="mp-test",
+                 dataset="random (tests)", training_steps=0)
+    with running(Settings(weights=path, max_batch=4)) as (url, _):
+        info = httpx.get(url + "/v1/model").json()
+        assert info["architecture"] == {"kind": "mp-unet", **TINY.to_dict()} and info["runner"] == "onnx"
+        r = httpx.post(url + "/generate", json={"n": 2, "seed": 5, "steps": 20}, timeout=120)
+        assert r.status_code == 200, r.text
+        pixels = [decode_png(im["png"])[0] for im in r.json()["images"]]
+    w = load_weights(path)
+    expected = generate(SamplerEngine(w.unet, w.diffusion, cache_dir=tmp_path / "onnx"), [5, 6], "ddpm", 20)
+    assert all(np.array_equal(p, e) for p, e in zip(pixels, expected))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_distill_loss_spaces_differ_by_the_schedule_weight(prediction):
+    """An error in v is sqrt(abar_t) times the error in eps: at one t the two losses differ by abar_t exactly."""
+    d = Diffusion(ScheduleConfig(prediction=prediction))
+    torch.manual_seed(0)
+    student, teacher = mp_unet_like_trained(TINY, 1), Baked(mp_unet_like_trained(TINY, 2))
+    x0, t = torch.rand(4, 3, 8, 8) * 2 - 1, torch.full((4,), 700)
+    losses = {}
+    for space in ("eps", "v"):
+        torch.manual_seed(5)  # the same x_t for both
+        losses[space] = distill.distill_loss(student, teacher, d, x0, t, space).item()
+    assert losses["eps"] == pytest.approx(float(d.alphas_cumprod[700]) * losses["v"], rel=1e-4)
+
+
+@needs_celeba()
+def test_distill_resume_init_export_and_serve(tiny_weights, celeba_tar, tmp_path, capsys):
+    """A few steps from the tiny teacher; --resume continues the run where it stopped (the log counts on); --init
+    starts a new run from its weights; train.export writes weights that load as an mp-unet and generate the same
+    image for a seed whatever shares its batch."""
+    run, args = tmp_path / "run", ["--teacher", str(tiny_weights), "--data", str(celeba_tar), "--range", "1-64",
+                                   "--batch-size", "4", "--no-progress"]
+    assert distill.main(args + ["--out", str(run), "--steps", "2"]) == 0
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["architecture"] == "mp-unet"
+    assert distill.main(args + ["--out", str(run), "--steps", "4", "--resume"]) == 0  # 2 more of a 4-step run
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 4
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    more = tmp_path / "more"
+    assert distill.main(args + ["--out", str(more), "--steps", "2", "--init", str(run), "--loss", "eps"]) == 0
+    state = torch.load(more / "ckpt.pt", weights_only=True)
+    history = json.loads(state["meta"])["history"]
+    assert state["step"] == 6 and [h["from_step"] for h in history] == [0, 2, 4]
+    with pytest.raises(SystemExit, match="does not exist"):
+        distill.main(args + ["--out", str(tmp_path / "none"), "--steps", "2", "--resume"])
+    out = tmp_path / "mp.safetensors"
+    assert export.main([str(more), "--out", str(out)]) == 0
+    w = load_weights(out)
+    assert isinstance(w.unet, Baked) and w.metadata["training_steps"] == "6"
+    engine = SamplerEngine(w.unet, w.diffusion, "cpu", torch.float32, cache_dir=tmp_path / "onnx")
+    alone, shared = generate(engine, [7], "ddpm", 30), generate(engine, [3, 7, 11], "ddpm", 30)
+    assert alone.shape == (1, 8, 8, 3) and np.array_equal(alone[0], shared[1])
