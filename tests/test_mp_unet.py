@@ -110,17 +110,33 @@ def test_distill_loss_spaces_differ_by_the_schedule_weight(prediction):
 
 @needs_celeba()
 def test_distill_resume_init_export_and_serve(tiny_weights, celeba_tar, tmp_path, capsys):
-    """A few steps from the tiny teacher; --resume continues the run where it stopped (the log counts on); --init
+    """A few steps from the tiny teacher; --resume continues a run killed after its checkpoint at step 2 to the
+    weights of 4 straight steps; --init
     starts a new run from its weights; train.export writes weights that load as an mp-unet and generate the same
     image for a seed whatever shares its batch."""
     run, args = tmp_path / "run", ["--teacher", str(tiny_weights), "--data", str(celeba_tar), "--range", "1-64",
                                    "--batch-size", "4", "--no-progress"]
-    assert distill.main(args + ["--out", str(run), "--steps", "2"]) == 0
+    class Killed(Exception):
+        pass
+
+    def killed_after_first(path, **state):  # the process dies right after its first checkpoint
+        save(path, **state)
+        raise Killed
+
+    save, distill.save_checkpoint = distill.save_checkpoint, killed_after_first
+    try:
+        with pytest.raises(Killed):
+            distill.main(args + ["--out", str(run), "--steps", "4", "--checkpoint-every", "2"])
+    finally:
+        distill.save_checkpoint = save
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["architecture"] == "mp-unet"
-    assert distill.main(args + ["--out", str(run), "--steps", "4", "--resume"]) == 0  # 2 more of a 4-step run
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 4
-    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    assert distill.main(args + ["--out", str(run), "--steps", "4", "--resume"]) == 0
+    resumed = torch.load(run / "ckpt.pt", weights_only=True)
+    assert distill.main(args + ["--out", str(tmp_path / "straight"), "--steps", "4"]) == 0
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 4 and all(torch.equal(resumed["ema"][k], v) for k, v in straight["ema"].items())
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [4]
     more = tmp_path / "more"
     assert distill.main(args + ["--out", str(more), "--steps", "2", "--init", str(run), "--loss", "eps"]) == 0
     state = torch.load(more / "ckpt.pt", weights_only=True)

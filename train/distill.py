@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--loss", choices=("eps", "v"), default="v")
     p.add_argument("--init", default=None, help="start from this distillation run folder's weights")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (the same --steps: its schedule)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{running:.5f}")
-        if done % 500 == 0 or done == start + a.steps:
+        if done % a.checkpoint_every == 0 or done == start + a.steps:
             checkpoint(done)
     log.close()
     print(f"{out}: {start + a.steps} steps; `python -m train.export {out} --out weights/NAME.safetensors` to serve")
