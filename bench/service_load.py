@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     text = latency(a, argv) if a.mode == "latency" else load(a, argv)
-    emit(text, a.out)
+    emit(text, a.out, append=True)  # results files keep every run
     return 0
 
 

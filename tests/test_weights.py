@@ -140,6 +140,28 @@ def test_shipped_weights_describe_their_training_and_never_saw_the_validation_im
     assert int(w.metadata["training_steps"]) > training["init"]["training_steps"] > 0  # both stages counted
 
 
+def test_shipped_mp_weights_are_cpu32s_student_and_make_its_faces():
+    """weights/celeba32-cpu-mp.safetensors: an mp-unet in cpu32's shape and schedule, distilled from the shipped
+    cpu32 (its sha256 recorded) on images 1-8000 only; for a seed it makes nearly cpu32's image (mean difference
+    4-7/255 over 20 ddim steps, where another seed's image differs by ~58)."""
+    from model.engine import SamplerEngine, generate
+    from model.mp_unet import Baked, MPConfig
+    from model.weights import DEFAULT_WEIGHTS
+
+    path = DEFAULT_WEIGHTS.with_name("celeba32-cpu-mp.safetensors")
+    assert path.stat().st_size < 20 * 2**20
+    student, teacher = load_weights(path), load_weights(DEFAULT_WEIGHTS)
+    assert isinstance(student.unet, Baked) and student.unet.config == MPConfig.like(PRESETS["cpu32"])
+    assert student.diffusion.config == teacher.diffusion.config
+    training = json.loads(student.metadata["training"])
+    assert training["teacher_sha256"] == file_sha256(DEFAULT_WEIGHTS) and training["range"] == "1-8000"
+    assert len(training["history"]) == 2 and int(student.metadata["training_steps"]) > 12000
+    seeds = [0, 1, 2, 3]
+    ours, theirs = (generate(SamplerEngine(w.unet, w.diffusion), seeds, "ddim", 20, 4).astype(float)
+                    for w in (student, teacher))
+    assert np.abs(ours - theirs).mean() < 12
+
+
 def test_shipped_gpu_weights_are_64x64_trained_on_a_gpu_and_sample_faces_on_cpu():
     from model.engine import SamplerEngine, generate
     from model.weights import GPU_WEIGHTS
