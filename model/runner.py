@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .runner_onnx import CHAIN_STEPS, ChainUnavailable
 from .mp_unet import Baked
+from .runner_onnx import CHAIN_STEPS, ChainUnavailable
 from .unet import UNet
 
 log = logging.getLogger(__name__)

@@ -94,6 +94,16 @@ def test_the_service_serves_mp_unet_weights(tmp_path):
     assert all(np.array_equal(p, e) for p, e in zip(pixels, expected))
 
 
+def test_train_train_refuses_mp_weights_as_a_start(tmp_path):
+    from train.train import main as train_main
+
+    path = tmp_path / "mp.safetensors"
+    save_weights(path, mp_unet_like_trained(TINY), ScheduleConfig(), name="mp", dataset="random (tests)",
+                 training_steps=0)
+    with pytest.raises(SystemExit, match="holds an mp-unet, not a U-Net"):
+        train_main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--init", str(path)])
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_distill_loss_spaces_differ_by_the_schedule_weight(prediction):
     """An error in v is sqrt(abar_t) times the error in eps: at one t the two losses differ by abar_t exactly."""

@@ -219,6 +219,9 @@ def main(argv=None) -> int:
             init = load_weights(a.init)
         except WeightsError as e:
             raise SystemExit(f"error: --init: {e}")
+        if not isinstance(init.unet, UNet):
+            raise SystemExit(f"error: --init: {a.init} holds an {init.metadata['architecture']}, not a U-Net "
+                             "(`python -m train.distill --init RUN_DIR` continues a distillation run)")
     cfg = init.unet.config if init is not None else PRESETS[a.preset]  # --init brings its architecture
     if a.dropout is not None:
         cfg = UNetConfig.from_dict({**cfg.to_dict(), "dropout": a.dropout})
