@@ -94,9 +94,11 @@ def test_the_service_serves_mp_unet_weights(tmp_path):
     assert all(np.array_equal(p, e) for p, e in zip(pixels, expected))
 
 
-def test_train_train_refuses_mp_weights_as_a_start(tmp_path):
+def test_train_train_refuses_mp_weights_as_a_start_and_distill_a_double_start(tmp_path):
     from train.train import main as train_main
 
+    with pytest.raises(SystemExit, match="give one of them"):
+        distill.main(["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--resume", "--init", str(tmp_path)])
     path = tmp_path / "mp.safetensors"
     save_weights(path, mp_unet_like_trained(TINY), ScheduleConfig(), name="mp", dataset="random (tests)",
                  training_steps=0)

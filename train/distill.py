@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.resume and a.init:
+        raise SystemExit("error: --resume continues --out's own run; --init starts a new one: give one of them")
     out, previous = Path(a.out), None
     ckpt_path = out / "ckpt.pt"
     try:
