@@ -141,7 +141,7 @@ def latency(a, argv) -> str:
         from model.weights import load_weights
 
         torch.set_num_threads(a.threads or os.cpu_count())
-        w = load_weights(a.baseline_weights or a.weights)
+        w = load_weights(baseline)
         for n in a.n:  # on the service's device and dtype
             theirs[n] = time_diffusers(w, torch.device(device), DTYPES[dtype_name], n, 1000)
             print(f"diffusers n={n}: {theirs[n]:.2f} s", flush=True)

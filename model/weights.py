@@ -117,20 +117,26 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return metadata
 
 
+def build_network(architecture: str, config: dict, diffusion: Diffusion) -> UNet | MPUNet:
+    """An untrained network of `architecture` ("unet" or "mp-unet") from its config as stored in unet_config; an
+    mp-unet in its trained form, which scales its input by the schedule."""
+    cfg = ARCHITECTURES[architecture].from_dict(config)
+    return UNet(cfg) if architecture == "unet" else MPUNet(diffusion.alphas_cumprod, cfg)
+
+
 def load_weights(path: str | os.PathLike = DEFAULT_WEIGHTS, device: str | torch.device = "cpu") -> LoadedWeights:
     metadata = read_metadata(path)
     arch = metadata.get("architecture", "unet")
     if arch not in ARCHITECTURES:
         raise WeightsError(path, f"unknown architecture {arch!r} (this version knows {', '.join(ARCHITECTURES)})")
     try:
-        config = ARCHITECTURES[arch].from_dict(json.loads(metadata["unet_config"]))
-        schedule = ScheduleConfig.from_dict(json.loads(metadata["schedule"]))
+        diffusion = Diffusion(ScheduleConfig.from_dict(json.loads(metadata["schedule"])))
+        net = build_network(arch, json.loads(metadata["unet_config"]), diffusion)
     except (ValueError, TypeError) as e:
         raise WeightsError(path, f"bad architecture or schedule in metadata: {e}") from None
-    if int(metadata["image_size"]) != config.image_size:
-        raise WeightsError(path, f"metadata image_size {metadata['image_size']} != unet_config's {config.image_size}")
-    diffusion = Diffusion(schedule)
-    net = UNet(config) if arch == "unet" else MPUNet(diffusion.alphas_cumprod, config)
+    if int(metadata["image_size"]) != net.config.image_size:
+        raise WeightsError(path, f"metadata image_size {metadata['image_size']} != unet_config's "
+                                 f"{net.config.image_size}")
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -34,6 +34,8 @@ from model.weights import DEFAULT_WEIGHTS, WeightsError, load_weights
 from .data import DataError, load_images, to_model_range
 from .train import ema_update, load_checkpoint, save_checkpoint
 
+EMA_DECAY = 0.999
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__,
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
             torch.set_rng_state(previous["rng_cpu"])
     history[-1]["from_step"] = first
     meta = {"teacher": str(a.teacher), "data": str(a.data), "range": a.range_, "images": len(data.names),
-            "loss": a.loss, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": 0.999, "history": history}
+            "loss": a.loss, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": EMA_DECAY, "history": history}
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "metrics.jsonl", "a")
 
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema_update(ema, model, step, 0.999)
+        ema_update(ema, model, step, EMA_DECAY)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         done = step + 1
         if done % 50 == 0 or done == start + a.steps:

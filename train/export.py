@@ -11,9 +11,7 @@ from pathlib import Path
 import torch
 
 from model.diffusion import Diffusion, ScheduleConfig
-from model.mp_unet import MPConfig, MPUNet
-from model.unet import UNet, UNetConfig
-from model.weights import save_weights
+from model.weights import build_network, save_weights
 
 from .train import load_checkpoint
 
@@ -37,10 +35,8 @@ def main(argv=None) -> int:
         return 2
     schedule = ScheduleConfig.from_dict(json.loads(state["schedule"]))
     meta = json.loads(state.get("meta", "{}"))
-    if state.get("architecture") == "mp-unet":  # a train.distill run
-        unet = MPUNet(Diffusion(schedule).alphas_cumprod, MPConfig.from_dict(json.loads(state["unet_config"])))
-    else:
-        unet = UNet(UNetConfig.from_dict(json.loads(state["unet_config"])))
+    # train.train's checkpoints hold a U-Net; train.distill's say they hold an mp-unet
+    unet = build_network(state.get("architecture", "unet"), json.loads(state["unet_config"]), Diffusion(schedule))
     unet.load_state_dict(state["ema"])
     dataset = a.dataset or f"CelebA img_align_celeba ({meta.get('data')}, images {meta.get('range') or 'all'})"
     save_weights(a.out, unet, schedule,
