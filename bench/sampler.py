@@ -99,7 +99,8 @@ def time_diffusers(w, device, dtype, batch: int, steps: int) -> float:
     # DDPMPipeline keeps the image in the U-Net's dtype and cannot hand back bf16 as numpy: a bf16 run is an fp32
     # pipeline under autocast (the U-Net's matmuls and convs in bf16), as diffusers users run it
     half = dtype != torch.float32
-    pipe = DDPMPipeline(unet=to_diffusers(w.unet).to(device, torch.float32 if half else dtype), scheduler=sched)
+    unet = to_diffusers(w.unet, w.diffusion.config).to(device, torch.float32 if half else dtype)
+    pipe = DDPMPipeline(unet=unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator(device=device).manual_seed(0)  # noise drawn where the pipeline runs: its fastest
     with torch.autocast(device.type, dtype=dtype, enabled=half):

@@ -108,13 +108,7 @@ VARIANTS = {"default": [], "spin": ["--spin-threads", "true"], "script": ["--run
 def latency(a, argv) -> str:
     """1000-step ddpm requests one at a time through the service; then, with the service stopped, the same
     weights in diffusers' DDPMPipeline (a plain diffusers deployment's compute) at the same batch sizes."""
-    sys.path.insert(0, str(ROOT))
-    from model.weights import read_metadata
-
     baseline = a.baseline_weights or a.weights
-    if a.diffusers and read_metadata(baseline).get("architecture", "unet") != "unet":
-        raise SystemExit(f"error: {baseline} is not a U-Net, which DDPMPipeline needs: pass --baseline-weights (the "
-                         "U-Net it was distilled from) or --no-diffusers")
     measured = []
     with ExitStack() as stack:  # every variant's service up at once (an idle one sleeps), requests interleaved
         urls = {v: stack.enter_context(service(a.weights, a.max_batch[0], VARIANTS[v])) for v in a.variants}
@@ -153,7 +147,7 @@ def latency(a, argv) -> str:
     return "\n".join(header("Service latency, 1000-step ddpm requests, one at a time", argv) + [
         ("diffusers: the same weights" if not a.baseline_weights else
          f"diffusers: other weights, {a.baseline_weights} (the service's are distilled from them),")
-        + " in diffusers' DDPMPipeline (UNet2DModel via model/diffusers_compat.py, "
+        + " in diffusers' DDPMPipeline (UNet2DModel, or for an mp-unet MPUNet2DModel, via model/diffusers_compat.py, "
         f"DDPMScheduler with the same schedule and prediction type, no clipping), same batch size, {device} "
         f"{dtype_name}, run after the service stopped; it returns arrays, so it has no HTTP or PNG work to do. "
         f"The services (one per variant, all up at once, requests interleaved: variant after variant, "
@@ -229,7 +223,8 @@ def main(argv=None) -> int:
                    help="latency: skip the diffusers DDPMPipeline comparison")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the diffusers run (default: all)")
     p.add_argument("--baseline-weights", default=None,
-                   help="latency: weights for the DDPMPipeline run (default: --weights; an mp-unet needs its teacher)")
+                   help="latency: weights for the DDPMPipeline run (default: --weights, the same; e.g. the U-Net an "
+                        "mp-unet was distilled from)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--max-batch", type=int, nargs="+", default=[16])

@@ -1,6 +1,7 @@
 """Conversion between this project's U-Net and diffusers' UNet2DModel (same DDPM architecture).
 
-`to_diffusers(unet)` builds an equivalent UNet2DModel (for benchmarks against DDPMPipeline on the same weights);
+`to_diffusers(unet)` builds an equivalent UNet2DModel, or for an mp-unet model/diffusers_mp.py's MPUNet2DModel (for
+benchmarks against DDPMPipeline on the same weights);
 `from_diffusers_folder(path)` reads a diffusers DDPM checkpoint folder that users already have on disk (e.g. a
 copy of google/ddpm-celebahq-256: config.json and diffusion_pytorch_model.safetensors; pickled .bin files are
 refused) into a UNet and schedule. CLI: `python -m model.diffusers_compat DIR --out W.safetensors`.
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .diffusion import ScheduleConfig
+from .mp_unet import Baked
 from .unet import UNet, UNetConfig
 from .weights import save_weights
 
@@ -105,15 +107,23 @@ def diffusers_to_ours_state(state: dict[str, torch.Tensor], cfg: UNetConfig) -> 
     return out
 
 
-def to_diffusers(unet: UNet):
+def to_diffusers(unet, schedule: ScheduleConfig | None = None):
+    """The diffusers model computing the same function: UNet2DModel for a U-Net; for an mp-unet (baked, as
+    load_weights gives it) model/diffusers_mp.py's MPUNet2DModel, which needs the `schedule` it scales its input by."""
     from diffusers import UNet2DModel
 
-    if not isinstance(unet, UNet):
-        raise ValueError(f"{type(unet).__name__} has no diffusers equivalent: UNet2DModel is the DDPM U-Net "
-                         "(model/unet.py); an mp-unet (model/mp_unet.py) has no GroupNorms and scales its layers")
-    model = UNet2DModel(**diffusers_config(unet.config))
-    model.load_state_dict(ours_to_diffusers_state(unet), strict=True)
-    return model.eval()
+    if isinstance(unet, UNet):
+        model = UNet2DModel(**diffusers_config(unet.config))
+        model.load_state_dict(ours_to_diffusers_state(unet), strict=True)
+        return model.eval()
+    if isinstance(unet, Baked):
+        if schedule is None:
+            raise ValueError("an mp-unet scales its input by its schedule's alphabar_t: pass schedule=")
+        from .diffusers_mp import MPUNet2DModel
+
+        return MPUNet2DModel.from_baked(unet, schedule)
+    raise ValueError(f"{type(unet).__name__} has no diffusers equivalent: UNet2DModel is the DDPM U-Net "
+                     "(model/unet.py), MPUNet2DModel the baked mp-unet (model/mp_unet.py's Baked)")
 
 
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}  # ours -> diffusers' prediction_type

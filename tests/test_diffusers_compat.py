@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,38 @@ def test_the_service_serves_a_converted_256_checkpoint(tmp_path):
         pixels, text = decode_png(r.content)
         assert r.status_code == 200 and pixels.shape == (2 + 258, 2 + 2 * 258, 3) and text["seeds"] == "3-4"
         assert text["model"] == "ddpm-celebahq-256" and len(text["weights_sha256"]) == 64
+
+
+def test_diffusers_runs_an_mp_unet_on_the_same_weights(tmp_path):
+    """DDPMPipeline takes a baked mp-unet as MPUNet2DModel (model/diffusers_mp.py): the same outputs as ours for a
+    batch of timesteps or one scalar timestep (as DDPMPipeline passes it), a pipeline folder that diffusers' own
+    from_pretrained reads back to the same images, and clear errors without the schedule or for other modules."""
+    from conftest import mp_unet_like_trained
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    from model.diffusers_compat import diffusers_scheduler
+    from model.diffusion import ScheduleConfig
+    from model.mp_unet import Baked, MPConfig
+
+    schedule = ScheduleConfig(prediction="v")
+    ours = Baked(mp_unet_like_trained(MPConfig.like(PRESETS["tiny"])))
+    theirs = to_diffusers(ours, schedule)
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 417, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, t).sample, ours(x, t.float()), rtol=0, atol=0)
+        torch.testing.assert_close(theirs(x, torch.tensor(417)).sample, ours(x, torch.full((3,), 417.0)),
+                                   rtol=0, atol=0)
+    pipe = DDPMPipeline(unet=theirs, scheduler=diffusers_scheduler(schedule))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "pipe")
+    back = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    back.set_progress_bar_config(disable=True)
+    assert type(back.unet).__name__ == "MPUNet2DModel" and back.unet.config.schedule["prediction"] == "v"
+    images = [p(batch_size=2, num_inference_steps=20, generator=torch.Generator().manual_seed(3), output_type="np")
+              .images for p in (pipe, back)]
+    assert images[0].shape == (2, 8, 8, 3) and np.isfinite(images[0]).all()
+    np.testing.assert_array_equal(images[0], images[1])
+    with pytest.raises(ValueError, match="pass schedule="):
+        to_diffusers(ours)
+    with pytest.raises(ValueError, match="no diffusers equivalent"):
+        to_diffusers(torch.nn.Linear(2, 2))
