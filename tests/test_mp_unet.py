@@ -157,6 +157,7 @@ def test_distill_resume_init_export_and_serve(tiny_weights, celeba_tar, tmp_path
     assert export.main([str(more), "--out", str(out)]) == 0
     w = load_weights(out)
     assert isinstance(w.unet, Baked) and w.metadata["training_steps"] == "6"
+    assert json.loads(w.metadata["training"])["teacher_sha256"] == load_weights(tiny_weights).sha256
     engine = SamplerEngine(w.unet, w.diffusion, "cpu", torch.float32, cache_dir=tmp_path / "onnx")
     alone, shared = generate(engine, [7], "ddpm", 30), generate(engine, [3, 7, 11], "ddpm", 30)
     assert alone.shape == (1, 8, 8, 3) and np.array_equal(alone[0], shared[1])

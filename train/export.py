@@ -38,11 +38,13 @@ def main(argv=None) -> int:
     # train.train's checkpoints hold a U-Net; train.distill's say they hold an mp-unet
     unet = build_network(state.get("architecture", "unet"), json.loads(state["unet_config"]), Diffusion(schedule))
     unet.load_state_dict(state["ema"])
+    # a distilled network names the weights it learned from by content (the path was the distiller's machine's)
+    teacher = {"teacher_sha256": state["teacher_sha256"]} if "teacher_sha256" in state else {}
     dataset = a.dataset or f"CelebA img_align_celeba ({meta.get('data')}, images {meta.get('range') or 'all'})"
     save_weights(a.out, unet, schedule,
                  name=a.name or Path(a.out).stem, dataset=dataset,
                  training_steps=int(state["step"]) + int(meta.get("init", {}).get("training_steps", 0)),
-                 training={**meta, "ema": True}, dtype=torch.float16 if a.dtype == "fp16" else torch.float32)
+                 training={**meta, **teacher, "ema": True}, dtype=torch.float16 if a.dtype == "fp16" else torch.float32)
     print(f"wrote {a.out}: EMA weights at step {int(state['step'])} ({a.dtype})")
     return 0
 
