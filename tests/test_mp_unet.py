@@ -109,11 +109,8 @@ def test_distill_loss_spaces_differ_by_the_schedule_weight(prediction):
     d = Diffusion(ScheduleConfig(prediction=prediction))
     torch.manual_seed(0)
     student, teacher = mp_unet_like_trained(TINY, 1), Baked(mp_unet_like_trained(TINY, 2))
-    x0, t = torch.rand(4, 3, 8, 8) * 2 - 1, torch.full((4,), 700)
-    losses = {}
-    for space in ("eps", "v"):
-        torch.manual_seed(5)  # the same x_t for both
-        losses[space] = distill.distill_loss(student, teacher, d, x0, t, space).item()
+    x_t, t = torch.randn(4, 3, 8, 8), torch.full((4,), 700)
+    losses = {space: distill.distill_loss(student, teacher, d, x_t, t, space).item() for space in ("eps", "v")}
     assert losses["eps"] == pytest.approx(float(d.alphas_cumprod[700]) * losses["v"], rel=1e-4)
 
 
@@ -161,3 +158,46 @@ def test_distill_resume_init_export_and_serve(tiny_weights, celeba_tar, tmp_path
     engine = SamplerEngine(w.unet, w.diffusion, "cpu", torch.float32, cache_dir=tmp_path / "onnx")
     alone, shared = generate(engine, [7], "ddpm", 30), generate(engine, [3, 7, 11], "ddpm", 30)
     assert alone.shape == (1, 8, 8, 3) and np.array_equal(alone[0], shared[1])
+
+
+def test_chain_states_are_the_students_default_loop():
+    """The states distillation takes from the student's own chains are the reverse loop's x_t as the paper writes it,
+    x_{t-1} = 1/sqrt(alpha_t) (x_t - (1-alpha_t)/sqrt(1-abar_t) eps_theta(x_t, t)) + sqrt(beta_t) z, all 1000 steps,
+    with the noise drawn from the generator given (x_T first, then z at each step but the last)."""
+    d = Diffusion(ScheduleConfig(prediction="v"))
+    student = mp_unet_like_trained(TINY, 3)
+    states = distill.chain_states(student, d, 2, torch.Generator().manual_seed(9))
+    assert states.shape == (1000, 2, 3, 8, 8) and torch.isfinite(states).all()
+    g, net = torch.Generator().manual_seed(9), Baked(student)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        for t in range(999, -1, -1):
+            torch.testing.assert_close(states[t], x, rtol=1e-4, atol=1e-4)
+            tt = torch.full((2,), t)
+            eps = d.eps_from_output(net(x, tt.float()), x, tt)
+            beta, abar = float(d.betas[t]), float(d.alphas_cumprod[t])
+            x = (x - beta / (1 - abar) ** 0.5 * eps) / (1 - beta) ** 0.5
+            if t:
+                x = x + beta ** 0.5 * torch.randn(x.shape, generator=g)
+
+
+@needs_celeba()
+def test_distill_on_the_students_own_chains(tiny_weights, celeba_tar, tmp_path, monkeypatch):
+    """--chain-share takes that share of each batch from the student's chains, drawn again every --chain-every
+    steps from its EMA, and the run says so in its metadata; a share of 1 (no images left) is refused."""
+    draws = []
+    real = distill.chain_states
+
+    def counted(student, diffusion, rows, generator):
+        draws.append(rows)
+        return real(student, diffusion, rows, generator)
+
+    monkeypatch.setattr(distill, "chain_states", counted)
+    args = ["--teacher", str(tiny_weights), "--data", str(celeba_tar), "--range", "1-64", "--batch-size", "4",
+            "--no-progress", "--out", str(tmp_path / "run"), "--steps", "3"]
+    assert distill.main(args + ["--chain-share", "0.5", "--chain-rows", "2", "--chain-every", "2"]) == 0
+    assert draws == [2, 2]  # at steps 0 and 2
+    meta = json.loads(torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["meta"])
+    assert (meta["chain_share"], meta["chain_rows"], meta["chain_every"]) == (0.5, 2, 2)
+    with pytest.raises(SystemExit, match="chain-share must be in"):
+        distill.main(args + ["--chain-share", "1"])

@@ -4,7 +4,10 @@
 The student learns the teacher's prediction at the student's own noised training images (x_t = sqrt(abar_t) x_0 +
 sqrt(1 - abar_t) eps, t uniform), in the teacher's shape and schedule. `--loss` sets the space its error is measured
 in: eps (each t weighted as the teacher was trained; most of the error then sits at small t, where it barely moves
-an image) or v (each t weighted 1/abar_t more: the large t that set a face's layout count). Adam (0.9, 0.99), 100
+an image) or v (each t weighted 1/abar_t more: the large t that set a face's layout count). `--chain-share` takes that
+share of each batch from the states the student's own sampler visits instead (its EMA's default 1000-step ddpm
+chains, `--chain-rows` of them, drawn again every `--chain-every` steps), where its errors have compounded: the
+teacher's prediction there is what the student should have said (DAgger's idea). Adam (0.9, 0.99), 100
 warm-up steps and cosine decay from --lr, EMA 0.999. `--init` starts from another run's weights with a new warm-up,
 schedule and optimizer; `--resume` continues this run (optimizer and RNG state included).
 
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.diffusion import Diffusion
-from model.mp_unet import MPConfig, MPUNet
+from model.mp_unet import Baked, MPConfig, MPUNet
 from model.weights import DEFAULT_WEIGHTS, WeightsError, load_weights
 
 from .data import DataError, load_images, to_model_range
@@ -48,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--loss", choices=("eps", "v"), default="v")
+    p.add_argument("--chain-share", type=float, default=0.0,
+                   help="share of each batch from the student's own 1000-step ddpm chains (0: noised images only)")
+    p.add_argument("--chain-rows", type=int, default=64, help="chains drawn at a time (each gives T states)")
+    p.add_argument("--chain-every", type=int, default=1000, help="steps between drawing new chains")
     p.add_argument("--init", default=None, help="start from this distillation run folder's weights")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (the same --steps: its schedule)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
@@ -57,13 +64,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def distill_loss(student, teacher, diffusion: Diffusion, x0: torch.Tensor, t: torch.Tensor, space: str):
+@torch.no_grad()
+def chain_states(student: MPUNet, diffusion: Diffusion, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """(T, rows, C, H, W): x_t at every t of `rows` default 1000-step ddpm chains of the student (baked), the
+    states its sampler visits; x_t enters the step at t (row k of the coefficient table is t = T-1-k)."""
+    net, cfg = Baked(copy.deepcopy(student)), student.config
+    table = diffusion.coefficients("ddpm", diffusion.T).float()
+    x = torch.randn(rows, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
+    states = torch.empty(diffusion.T, *x.shape)
+    for t, a, b, c, *_ in table.tolist():
+        states[int(t)] = x
+        x = a * x + b * net(x, torch.full((rows,), t))
+        if c:
+            x += c * torch.randn(x.shape, generator=generator)
+    return states
+
+
+def distill_loss(student, teacher, diffusion: Diffusion, x_t: torch.Tensor, t: torch.Tensor, space: str):
     """Mean squared difference of the two predictions at the same x_t, in eps or v (both nets predict the
     schedule's `prediction`; eps = sqrt(abar) v + sqrt(1-abar) x_t, so an error in v is sqrt(abar) times one in
     eps)."""
-    sqrt_ab, sqrt_1mab = diffusion._sqrt_tables(x0.device)
-    alpha, sigma = sqrt_ab[t].view(-1, 1, 1, 1), sqrt_1mab[t].view(-1, 1, 1, 1)
-    x_t = alpha * x0 + sigma * torch.randn_like(x0)
+    alpha = diffusion._sqrt_tables(x_t.device)[0][t].view(-1, 1, 1, 1)
     with torch.no_grad():
         target = teacher(x_t, t.float())
     out = student(x_t, t.float())
@@ -82,6 +103,9 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if not 0 <= a.chain_share < 1 or a.chain_rows < 1 or a.chain_every < 1:
+        raise SystemExit("error: --chain-share must be in [0, 1) (some of each batch stays noised images); "
+                         "--chain-rows and --chain-every at least 1")
     if a.resume and a.init:
         raise SystemExit("error: --resume continues --out's own run; --init starts a new one: give one of them")
     out, previous = Path(a.out), None
@@ -123,6 +147,8 @@ def main(argv=None) -> int:
     history[-1]["from_step"] = first
     meta = {"teacher": str(a.teacher), "data": str(a.data), "range": a.range_, "images": len(data.names),
             "loss": a.loss, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": EMA_DECAY, "history": history}
+    if a.chain_share:
+        meta.update(chain_share=a.chain_share, chain_rows=a.chain_rows, chain_every=a.chain_every)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "metrics.jsonl", "a")
 
@@ -132,6 +158,7 @@ def main(argv=None) -> int:
                         unet_config=json.dumps(cfg.to_dict()), schedule=json.dumps(diffusion.config.to_dict()),
                         teacher_sha256=w.sha256, meta=json.dumps(meta))
 
+    n_chain, states = round(a.batch_size * a.chain_share), None
     t0, running = time.time(), None
     bar = tqdm(range(first, start + a.steps), initial=first - start, total=a.steps, desc="distil", unit="step",
                disable=a.no_progress)
@@ -139,10 +166,20 @@ def main(argv=None) -> int:
         lr = lr_at(step - start, a.steps, a.lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        x0 = to_model_range(data.images[torch.randint(0, len(data.images), (a.batch_size,))])
-        x0 = torch.where((torch.rand(a.batch_size) < 0.5)[:, None, None, None], x0.flip(3), x0)
-        t = torch.randint(0, diffusion.T, (a.batch_size,))
-        loss = distill_loss(model, teacher, diffusion, x0, t, a.loss)
+        if n_chain and (states is None or (step - start) % a.chain_every == 0):
+            draw = (step - start) // a.chain_every  # a resume mid-interval draws from the EMA it resumes with
+            states = chain_states(ema, diffusion, a.chain_rows, torch.Generator().manual_seed(a.seed * 7919 + draw))
+        n = a.batch_size - n_chain
+        x0 = to_model_range(data.images[torch.randint(0, len(data.images), (n,))])
+        x0 = torch.where((torch.rand(n) < 0.5)[:, None, None, None], x0.flip(3), x0)
+        t = torch.randint(0, diffusion.T, (n,))
+        x_t = diffusion.q_sample(x0, t, torch.randn_like(x0))
+        if n_chain:
+            t_chain = torch.randint(0, diffusion.T, (n_chain,))
+            x_chain = states[t_chain, torch.randint(0, a.chain_rows, (n_chain,))]
+            x_chain = torch.where((torch.rand(n_chain) < 0.5)[:, None, None, None], x_chain.flip(3), x_chain)
+            x_t, t = torch.cat([x_t, x_chain]), torch.cat([t, t_chain])
+        loss = distill_loss(model, teacher, diffusion, x_t, t, a.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
