@@ -184,7 +184,8 @@ def test_chain_states_are_the_students_default_loop():
 @needs_celeba()
 def test_distill_on_the_students_own_chains(tiny_weights, celeba_tar, tmp_path, monkeypatch):
     """--chain-share takes that share of each batch from the student's chains, drawn again every --chain-every
-    steps from its EMA, and the run says so in its metadata; a share of 1 (no images left) is refused."""
+    steps from its EMA, and the run says so in its metadata; a share of 1 (no images left) or of less than one row
+    is refused."""
     draws = []
     real = distill.chain_states
 
@@ -199,5 +200,6 @@ def test_distill_on_the_students_own_chains(tiny_weights, celeba_tar, tmp_path, 
     assert draws == [2, 2]  # at steps 0 and 2
     meta = json.loads(torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["meta"])
     assert (meta["chain_share"], meta["chain_rows"], meta["chain_every"]) == (0.5, 2, 2)
-    with pytest.raises(SystemExit, match="chain-share must be in"):
-        distill.main(args + ["--chain-share", "1"])
+    for share in ("1", "0.1"):  # no images left; less than one row of a batch of 4
+        with pytest.raises(SystemExit, match="chain-share must be in"):
+            distill.main(args + ["--chain-share", share])

@@ -103,9 +103,10 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    if not 0 <= a.chain_share < 1 or a.chain_rows < 1 or a.chain_every < 1:
-        raise SystemExit("error: --chain-share must be in [0, 1) (some of each batch stays noised images); "
-                         "--chain-rows and --chain-every at least 1")
+    n_chain = round(a.batch_size * a.chain_share)  # rows of each batch from the student's chains
+    if not 0 <= a.chain_share < 1 or (a.chain_share and not n_chain) or a.chain_rows < 1 or a.chain_every < 1:
+        raise SystemExit("error: --chain-share must be in [0, 1) (some of each batch stays noised images) and, if "
+                         "not 0, at least one row of --batch-size; --chain-rows and --chain-every at least 1")
     if a.resume and a.init:
         raise SystemExit("error: --resume continues --out's own run; --init starts a new one: give one of them")
     out, previous = Path(a.out), None
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
                         unet_config=json.dumps(cfg.to_dict()), schedule=json.dumps(diffusion.config.to_dict()),
                         teacher_sha256=w.sha256, meta=json.dumps(meta))
 
-    n_chain, states = round(a.batch_size * a.chain_share), None
+    states = None
     t0, running = time.time(), None
     bar = tqdm(range(first, start + a.steps), initial=first - start, total=a.steps, desc="distil", unit="step",
                disable=a.no_progress)
