@@ -119,6 +119,11 @@ def load_images(path: str | Path, size: int, *, range_: str | None = None, frami
     return ImageSet(images, names, str(path), skipped)
 
 
+def mirror(batch: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """The NCHW `batch` with the images where the boolean `which` is true flipped left-right (augmentation)."""
+    return torch.where(which[:, None, None, None], batch.flip(3), batch)
+
+
 def to_model_range(batch_u8: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return batch_u8.float() / 127.5 - 1.0

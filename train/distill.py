@@ -34,7 +34,7 @@ from model.diffusion import Diffusion
 from model.mp_unet import Baked, MPConfig, MPUNet
 from model.weights import DEFAULT_WEIGHTS, WeightsError, load_weights
 
-from .data import DataError, load_images, to_model_range
+from .data import DataError, load_images, mirror, to_model_range
 from .train import ema_update, load_checkpoint, save_checkpoint
 
 EMA_DECAY = 0.999
@@ -172,13 +172,13 @@ def main(argv=None) -> int:
             states = chain_states(ema, diffusion, a.chain_rows, torch.Generator().manual_seed(a.seed * 7919 + draw))
         n = a.batch_size - n_chain
         x0 = to_model_range(data.images[torch.randint(0, len(data.images), (n,))])
-        x0 = torch.where((torch.rand(n) < 0.5)[:, None, None, None], x0.flip(3), x0)
+        x0 = mirror(x0, torch.rand(n) < 0.5)
         t = torch.randint(0, diffusion.T, (n,))
         x_t = diffusion.q_sample(x0, t, torch.randn_like(x0))
         if n_chain:
             t_chain = torch.randint(0, diffusion.T, (n_chain,))
             x_chain = states[t_chain, torch.randint(0, a.chain_rows, (n_chain,))]
-            x_chain = torch.where((torch.rand(n_chain) < 0.5)[:, None, None, None], x_chain.flip(3), x_chain)
+            x_chain = mirror(x_chain, torch.rand(n_chain) < 0.5)
             x_t, t = torch.cat([x_t, x_chain]), torch.cat([t, t_chain])
         loss = distill_loss(model, teacher, diffusion, x_t, t, a.loss)
         opt.zero_grad(set_to_none=True)

@@ -35,7 +35,7 @@ from model.images import grid, png_bytes
 from model.unet import PRESETS, UNet, UNetConfig
 from model.weights import WeightsError, load_weights
 
-from .data import DataError, load_images, to_model_range
+from .data import DataError, load_images, mirror, to_model_range
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
         x0 = to_model_range(images[order.indices(step)])
         global_shape = (a.batch_size, *x0.shape[1:])
         flip = (torch.rand(a.batch_size, device=device, generator=g) < 0.5)[mine]
-        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=memory_format)
+        x0 = mirror(x0, flip).contiguous(memory_format=memory_format)
         t = torch.randint(0, diffusion.T, (a.batch_size,), device=device, generator=g)[mine]
         eps = torch.randn(global_shape, device=device, generator=g)[mine]
         for group in opt.param_groups:
