@@ -90,7 +90,7 @@ class SamplerEngine:
     def __init__(self, unet: UNet, diffusion: Diffusion, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, memory_format: str | torch.memory_format = "auto",
                  noise_chunk_elems: int | None = None, runner: str = "auto", workers: int | None = None,
-                 cache_dir: Path | None = None, spin: bool = False):
+                 cache_dir: Path | None = None, spin: bool | str = False):
         self.device = torch.device(device)
         self.dtype = dtype
         auto_format = memory_format == "auto"

@@ -10,12 +10,14 @@ On CPU a small U-Net's step is not all convolution: it is bound by per-op overhe
 The default on CPU (`auto`, fp32) is ONNX Runtime in shards: about 2x the TorchScript runner at batch 1 and
 1.1-1.5x at 4-64, which itself is 1.2-1.6x eager; the same numbers to ~1e-6 (tests/test_runner.py). The choice is
 fixed, not timed at start-up, so that the CLI and the service run the same kernels and give the same PNGs.
-  - Spinning threads (`spin=True`, opt-in): a batch of fewer rows than cores leaves cores idle; with spin, those
-    rows run on an ORT session with a spinning intra-op thread per core instead (batch 1 on 2 cores: 10-35%
-    faster per step alone, 1.1-1.7x slower beside a busy process: bench/results/thread-policy-cpu.md, hence off
-    by default). The outputs are the same bits either way. torch's own OpenMP pool stays PASSIVE: with
-    OMP_WAIT_POLICY=ACTIVE its spinning threads take the cores from ORT's and every step got 1.4-1.7x slower
-    (measured at batch 1-64).
+  - Spinning threads (`spin`): a batch of fewer rows than cores leaves cores idle; with spin, those rows run on an
+    ORT session with a spinning intra-op thread per core instead (batch 1 on 2 cores: 10-35% faster per step
+    alone, 1.1-1.7x slower beside a busy process: bench/results/thread-policy-cpu.md). `spin="auto"` (the
+    service's default) spins only while other work used less than SPIN_IDLE_BELOW cores of this process's CPUs
+    over the last half second (model/cpu_load.py), so a lone request gets the spare cores when they are free and
+    the single-threaded shards when they are not. The outputs are the same bits either way. torch's own OpenMP
+    pool stays PASSIVE: with OMP_WAIT_POLICY=ACTIVE its spinning threads take the cores from ORT's and every step
+    got 1.4-1.7x slower (measured at batch 1-64).
   - Chained steps (`steps()`, onnx only): with at most `workers` rows, one row per shard, CHAIN_STEPS steps per
     call, no Python between their forwards (model/onnx_chain.py): the torch calls around each forward cost about a
     millisecond on a shared VM (their code goes cold while the forward runs). 1000-step ddpm chain at batch 1, same
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cpu_load import OtherLoad
 from .mp_unet import Baked
 from .runner_onnx import CHAIN_STEPS, ChainUnavailable
 from .unet import UNet
@@ -52,6 +55,7 @@ from .unet import UNet
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "onnx", "script", "graphs", "eager")
+SPIN_IDLE_BELOW = 0.25  # spin="auto": spin while other work used less than this many cores (model/cpu_load.py)
 
 
 class ModelRunner:
@@ -60,15 +64,18 @@ class ModelRunner:
     next: onnx, script, eager), 'graphs' (CUDA only; eager for a batch it cannot capture), 'eager'.
     workers: CPU shards run at once (default: torch's intra-op thread count).
     cache_dir, static_max: for onnx (model/runner_onnx.py). spin: for onnx, let a batch smaller than `workers` use
-    the spare cores as spinning intra-op threads (for a process that owns its cores). `mode` says what runs.
+    the spare cores as spinning intra-op threads: True (a process that owns its cores), False, or "auto" (while no
+    other work is using them). `mode` says what runs.
     An onnx or script runner holds the weights as they were when it was built: build a new one after changing them."""
 
     def __init__(self, module: nn.Module, device: torch.device, dtype: torch.dtype,
                  memory_format: torch.memory_format = torch.contiguous_format, mode: str = "auto",
                  workers: int | None = None, cache_dir: Path | None = None, static_max: int | None = None,
-                 spin: bool = False):
+                 spin: bool | str = False):
         if mode not in MODES:
             raise ValueError(f"unknown runner mode {mode!r} (expected one of {', '.join(MODES)})")
+        if spin not in (True, False, "auto"):
+            raise ValueError(f"spin must be True, False or 'auto', not {spin!r}")
         if mode in ("onnx", "script") and device.type != "cpu":
             raise ValueError(f"runner mode {mode!r} is for CPU; CUDA runs eager")
         if mode == "graphs" and device.type != "cuda":
@@ -84,13 +91,14 @@ class ModelRunner:
             raise ValueError("runner mode 'onnx' runs fp32 (this CPU has no fast bf16)")
         self.workers = max(1, workers or torch.get_num_threads())
         self.spin = spin
+        self.other_load = OtherLoad() if spin == "auto" else None
         self.mode = "eager"
         self.fn = module
         if mode == "onnx":
             try:
                 from .runner_onnx import STATIC_MAX, OnnxUNet
 
-                self.fn = OnnxUNet(module, cache_dir, threads=1, spinning=self.spin,
+                self.fn = OnnxUNet(module, cache_dir, threads=1, spinning=bool(self.spin),
                                    static_max=STATIC_MAX if static_max is None else static_max)
                 self.mode = "onnx"
             except ImportError as e:
@@ -121,13 +129,41 @@ class ModelRunner:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shards = min(self.workers, x.shape[0]) if self._pool is not None else 1
-        # cores left over by too few rows become each shard's spinning ORT threads, where spinning is allowed
-        threads = self.workers // shards if self.spin and self.mode == "onnx" else 1
+        threads = self._threads(shards)
         if shards <= 1:
             return self._call(x, t, threads)
         parts = [self._pool.submit(self._on_shard, self._call, xs, ts, threads)
                  for xs, ts in zip(x.tensor_split(shards), t.tensor_split(shards))]
         return torch.cat([p.result() for p in parts])
+
+    def _threads(self, shards: int) -> int:
+        """ORT threads per shard: the cores left over by too few rows become each shard's spinning threads, where
+        spinning is allowed (with "auto": while other work leaves them free)."""
+        if not self.spin or self.mode != "onnx" or shards >= self.workers:
+            return 1
+        if self.other_load is not None and not self.cores_free():
+            return 1
+        return self.workers // shards
+
+    def cores_free(self) -> bool:
+        """Whether other work used less than SPIN_IDLE_BELOW cores of ours over the last window (False while
+        unknown)."""
+        load = self.other_load.cores() if self.other_load is not None else None
+        return load is not None and load < SPIN_IDLE_BELOW
+
+    def build_spinning_sessions(self) -> None:
+        """With spin="auto", build the spinning sessions that a batch smaller than the cores may switch to (one row
+        per shard on workers // rows threads, and its chained steps), so that none is built while serving: the
+        service's warm-up calls this."""
+        if self.spin != "auto" or self.mode != "onnx":
+            return
+        for threads in {self.workers // rows for rows in range(1, self.workers)} - {1}:
+            self.fn.session(1, threads)
+            if self.chain_steps > 1:
+                try:
+                    self.fn.chain_session(threads, self.chain_steps)
+                except ChainUnavailable:  # steps() says so and stops chaining when it first needs it
+                    pass
 
     def can_chain(self, batch: int) -> bool:
         """Whether steps() takes a batch of this many rows."""
@@ -142,7 +178,7 @@ class ModelRunner:
             raise ValueError(f"steps() takes 1 to {self.workers} rows on an onnx runner, not {x.shape[0]} "
                              f"({self.mode} runner)")
         rows = x.shape[0]
-        threads = self.workers // rows if self.spin else 1
+        threads = self._threads(rows)
         try:
             if rows == 1:
                 return self.fn.steps(x, coef, z, threads)

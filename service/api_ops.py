@@ -50,7 +50,8 @@ def ops_router(settings: Settings) -> APIRouter:
                          parameters=count_parameters(rt.engine.unet), schedule=w.diffusion.config.to_dict(),
                          dataset=w.metadata.get("dataset", ""), training_steps=int(w.metadata["training_steps"]),
                          device=str(rt.engine.device), dtype=DTYPE_NAMES[rt.engine.dtype],
-                         runner=rt.engine.runner.mode, samplers=list(SAMPLERS), max_n=settings.max_n,
+                         runner=rt.engine.runner.mode, spin_threads=str(rt.engine.runner.spin).lower(),
+                         samplers=list(SAMPLERS), max_n=settings.max_n,
                          max_batch=rt.scheduler.max_batch, auth_required=auth_required,
                          source_scheduler=json.loads(w.metadata["source_scheduler"])
                          if "source_scheduler" in w.metadata else None)

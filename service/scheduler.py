@@ -393,9 +393,12 @@ class Scheduler:
 
     def _warm_up(self) -> None:
         """One step at every batch size the scheduler can run (1..max_batch), on this thread: kernel selection
-        (cuDNN, the TorchScript profiler) happens here, not in the first requests. An OOM lowers the limit."""
+        (cuDNN, the TorchScript profiler) and ONNX Runtime's sessions (spinning ones too) happen here, not in the
+        first requests. An OOM lowers the limit."""
         runner = self.engine.runner
         chain = getattr(runner, "chain_steps", 0)
+        if hasattr(runner, "build_spinning_sessions"):  # SPIN_THREADS=auto: the sessions it may switch to
+            runner.build_spinning_sessions()
         for b in range(1, self.max_batch + 1):
             # where the runner chains steps for this batch size, enough steps to build that session too
             steps = chain if chain > 1 and runner.can_chain(b) else 1

@@ -168,6 +168,8 @@ class ModelInfo(BaseModel):
     device: str
     dtype: str
     runner: str
+    spin_threads: str = Field(description="SPIN_THREADS on CPU: true, false, or auto (spinning ONNX Runtime threads "
+                              "for a batch smaller than the cores while no other process uses them)")
     samplers: list[str]
     max_n: int
     max_batch: int

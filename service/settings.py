@@ -42,9 +42,10 @@ class Settings(BaseSettings):
     runner: Literal["auto", "onnx", "script", "graphs", "eager"] = Field(
         "auto", description="auto: on CPU the U-Net on ONNX Runtime (else frozen TorchScript), one shard per "
         "thread; on CUDA graphs captured per batch-size bucket")
-    spin_threads: bool = Field(False, description="on CPU, a batch with fewer rows than threads runs on ONNX "
-                               "Runtime threads that spin between ops: 10-35% faster per step at batch 1 when the "
-                               "service owns its cores, 1.1-1.7x slower beside a busy process (model/runner.py)")
+    spin_threads: bool | Literal["auto"] = Field(
+        "auto", description="on CPU, a batch with fewer rows than threads runs on ONNX Runtime threads that spin "
+        "between ops: 10-35% faster per step at batch 1 when the service owns its cores, 1.1-1.7x slower beside a "
+        "busy process; auto: spin while other processes leave this one's cores free (model/runner.py)")
     cache_dir: Path | None = Field(None, description="where the ONNX export of the U-Net is cached (default: "
                                    "$XDG_CACHE_HOME/celeba-ddpm or ~/.cache/celeba-ddpm)")
     malloc_trim_s: float = Field(10.0, ge=0, description="give freed heap memory back to the OS (glibc's "

@@ -51,9 +51,11 @@ TINY_RUNS = {
     "cheaper_networks.py": ["--rounds", "1", "--min-seconds", "0.05"],
     "chain_in_graph.py": ["--steps", "20", "--chain", "5", "10", "--loop", "20", "--rounds", "1"],
     "parallel_in_time.py": ["--steps", "50", "--windows", "4", "--tols", "0.01", "--rounds", "1"],
+    "thread_policy.py": ["--tables", "engine", "--rounds", "1", "--engine-reps", "1"],
 }
 
-FIRST_ROW = {"cheaper_networks.py": "| the weights' own network |", "parallel_in_time.py": "| forward |"}
+FIRST_ROW = {"cheaper_networks.py": "| the weights' own network |", "parallel_in_time.py": "| forward |",
+             "thread_policy.py": "| auto |"}
 
 
 @pytest.mark.parametrize("script", TINY_RUNS)

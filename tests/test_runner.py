@@ -96,6 +96,8 @@ def test_bad_modes_are_refused(unet):
         ModelRunner(unet, torch.device("cuda"), torch.float32, mode="script")
     with pytest.raises(ValueError, match="'onnx' runs fp32"):
         ModelRunner(unet, CPU, torch.bfloat16, mode="onnx")
+    with pytest.raises(ValueError, match="spin must be True, False or 'auto', not 'yes'"):
+        ModelRunner(unet, CPU, torch.float32, mode="onnx", spin="yes")
 
 
 def test_shards_run_single_threaded_and_leave_the_callers_threads_alone(unet):
@@ -204,6 +206,44 @@ def test_spinning_lends_a_small_batch_every_core_and_gives_the_same_bits(tmp_pat
     assert set(spin.fn._sessions) == {(1, 2), (1, 1), (2, 1), (3, 1)}
     assert set(quiet.fn._sessions) == {(1, 1), (2, 1), (3, 1)} and not quiet.fn.spinning
     spin.close(), quiet.close()
+
+
+class _Load:
+    """A stand-in for model/cpu_load.py's OtherLoad: the other work, in cores, that the test says."""
+    def __init__(self, cores):
+        self.value = cores
+
+    def cores(self):
+        return self.value
+
+
+def test_auto_spin_spins_only_while_the_cores_are_free_with_the_same_bits(tmp_path):
+    """spin="auto": a batch of one takes both cores as spinning threads while other work uses under
+    SPIN_IDLE_BELOW cores, and a single-threaded session when it uses more or nobody knows (the first window, or no
+    /proc/stat); the chained steps likewise; batches of a row per core take the shards either way."""
+    from model.runner import SPIN_IDLE_BELOW
+
+    torch.manual_seed(0)
+    m = UNet(PRESETS["tiny"]).eval()
+    auto = ModelRunner(m, CPU, torch.float32, mode="onnx", workers=2, cache_dir=tmp_path, spin="auto")
+    assert auto.fn.spinning and auto.other_load is not None
+    x, t = _inputs(1)
+    coef = torch.tensor([[[999.0, 0.9, -0.1, 0.05]], [[998.0, 0.9, -0.1, 0.05]]])  # two steps: (t, a, b, c)
+    z = torch.randn(2, 1, 3, 8, 8)
+    for load, threads in ((None, 1), (SPIN_IDLE_BELOW + 0.1, 1), (0.9, 1), (SPIN_IDLE_BELOW - 0.1, 2), (0.0, 2)):
+        auto.other_load = _Load(load)
+        auto.fn._sessions.clear()
+        out = auto(x, t)
+        assert set(auto.fn._sessions) == {(1, threads)}, load
+        chained = auto.steps(x.contiguous(), coef, z)
+        assert ("chain", 2, threads) in auto.fn._sessions, load
+        if threads == 1:
+            ref, ref_chained = out, chained
+    assert torch.equal(out, ref) and torch.equal(chained, ref_chained)  # spinning or not: the same bits
+    auto.fn._sessions.clear()
+    auto(*_inputs(2))  # a row per core: shards, whatever the load
+    assert set(auto.fn._sessions) == {(1, 1)}
+    auto.close()
 
 
 def _generate_counting(engine, specs_by_step, steps_limit=5000):

@@ -172,16 +172,20 @@ def test_spin_threads_runs_a_lone_request_on_every_core_with_the_same_pixels(tin
         r = post(url, {"n": 1, "seed": 7, "sampler": "ddim", "steps": 20})
         runner = app.state.runtime.engine.runner
         assert runner.mode == "onnx" and runner.spin and ("chain", runner.chain_steps, 2) in runner.fn._sessions
+        assert httpx.get(url + "/v1/model").json()["spin_threads"] == "true"
     assert np.array_equal(decode_png(r.json()["images"][0]["png"])[0], offline(tiny_weights, [7], "ddim", 20)[0])
 
 
 def test_warm_up_builds_the_chained_sessions_before_the_first_request(tiny_weights):
     """Batches of up to one row per core run ten steps per ONNX Runtime call (model/onnx_chain.py); the warm-up
-    builds that session, so the first request does not."""
+    builds that session, and with SPIN_THREADS=auto (the default) the spinning ones a lone request may switch to, so
+    the first request builds none."""
     with running(Settings(weights=tiny_weights, max_batch=3, threads=2)) as (url, app):
         runner = app.state.runtime.engine.runner
         built = set(runner.fn._sessions)
-        assert runner.chain_steps > 1 and built >= {("chain", runner.chain_steps, 1), (2, 1)}  # b=3: shards 2+1
+        k = runner.chain_steps
+        assert runner.spin == "auto" and httpx.get(url + "/v1/model").json()["spin_threads"] == "auto"
+        assert k > 1 and built >= {("chain", k, 1), ("chain", k, 2), (1, 2), (2, 1)}  # b=3: shards 2+1
 
 
 def test_health_model_and_openapi(served):
