@@ -1,10 +1,10 @@
 """Service benchmark on loopback: request latency, and a bounded load test with N concurrent clients.
 
-    # seconds for {"n": 1} and {"n": 4} at 1000 ddpm steps through the running service, with its default settings,
-    # with SPIN_THREADS on (a batch smaller than the cores on spinning ONNX Runtime threads) and on the TorchScript
-    # runner (the service before ONNX Runtime)
-    python bench/service_load.py latency --weights weights/celeba32-cpu.safetensors --variants default spin script \
-        --out bench/results/service-latency-cpu.md
+    # seconds for {"n": 1} and {"n": 4} at 1000 ddpm steps through the running service, with its default settings
+    # (SPIN_THREADS=auto), with SPIN_THREADS true (a batch smaller than the cores on spinning ONNX Runtime threads)
+    # and false, and on the TorchScript runner (the service before ONNX Runtime)
+    python bench/service_load.py latency --weights weights/celeba32-cpu.safetensors \
+        --variants default spin nospin script --out bench/results/service-latency-cpu.md
     # (then the same weights in diffusers' DDPMPipeline at the same batch sizes, for comparison)
     # throughput and p50/p99 latency, continuous batching (max batch 16) vs none (max batch 1), in one run
     python bench/service_load.py load --clients 1 4 16 --duration 60 --max-batch 16 1 \
@@ -102,7 +102,8 @@ def summary(measured, theirs: dict) -> list[str]:
 
 # service flags measured side by side in latency; "script" is the TorchScript runner, the service's before ONNX
 # Runtime's, so a run on a slow day of this VM can still say in its own figures how far the ONNX runner moved from it
-VARIANTS = {"default": [], "spin": ["--spin-threads", "true"], "script": ["--runner", "script"]}
+VARIANTS = {"default": [], "spin": ["--spin-threads", "true"], "nospin": ["--spin-threads", "false"],
+            "script": ["--runner", "script"]}
 
 
 def latency(a, argv) -> str:
@@ -217,8 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, nargs="+", default=[1, 4], help="latency: images per request")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["default"],
-                   help="latency: service settings to measure, one service each (spin: --spin-threads true; "
-                   "script: --runner script)")
+                   help="latency: service settings to measure, one service each (default: SPIN_THREADS auto; "
+                   "spin / nospin: --spin-threads true / false; script: --runner script)")
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false",
                    help="latency: skip the diffusers DDPMPipeline comparison")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the diffusers run (default: all)")
