@@ -19,7 +19,10 @@ TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 def busy_seconds(cpus: set[int] | None = None, path: str = "/proc/stat") -> float:
     """CPU seconds the CPUs in `cpus` (default: this process's affinity) have spent busy since boot: user, nice,
     system, irq, softirq and steal (user includes guests); not idle or iowait."""
-    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    if cpus is None:
+        if not hasattr(os, "sched_getaffinity"):
+            raise OSError("no CPU affinity to read on this system")
+        cpus = os.sched_getaffinity(0)
     ticks = 0
     with open(path) as f:
         next(f)  # the all-CPU line

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from model.cpu_load import OtherLoad, busy_seconds, own_seconds
+from model.cpu_load import TICK_S, OtherLoad, busy_seconds, own_seconds
 
 STAT = """cpu  500 0 100 9000 10 0 5 20 0 0
 cpu0 100 0 50 4000 5 0 1 10 0 0
@@ -19,10 +19,10 @@ ctxt 456
 def test_busy_seconds_counts_busy_time_and_steal_of_the_cpus_asked_for(tmp_path):
     stat = tmp_path / "stat"
     stat.write_text(STAT)
-    tick = busy_seconds({0}, str(stat)) / (100 + 50 + 1 + 10)  # user, system, softirq, steal; not idle or iowait
-    assert tick == pytest.approx(0.01, rel=0.2)  # USER_HZ
-    assert busy_seconds({1}, str(stat)) == pytest.approx(tick * (400 + 50 + 4 + 10))
-    assert busy_seconds({0, 1}, str(stat)) == pytest.approx(tick * 625)
+    # user, system, softirq and steal ticks (USER_HZ); not idle or iowait
+    assert busy_seconds({0}, str(stat)) == pytest.approx(TICK_S * (100 + 50 + 1 + 10))
+    assert busy_seconds({1}, str(stat)) == pytest.approx(TICK_S * (400 + 50 + 4 + 10))
+    assert busy_seconds({0, 1}, str(stat)) == pytest.approx(TICK_S * 625)
     assert busy_seconds({5}, str(stat)) == 0
 
 
