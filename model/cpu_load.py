@@ -45,8 +45,10 @@ def own_seconds() -> float:
 class OtherLoad:
     """`cores()`: the CPU time other work used on this process's CPUs over the latest window, in cores (0.0: the
     cores were ours or idle; 1.0: one core's worth went elsewhere), or None until a window has passed or where the
-    counters cannot be read (not Linux). Sampled on a call at least `window_s` after the last sample; after a long
-    pause between calls, the window is that pause."""
+    counters cannot be read (not Linux). Sampled on a call at least `window_s` after the last sample. A call after a
+    pause of more than two windows (a service between requests) starts a new window and keeps the value from
+    before the pause: the average over the pause would count whatever ran while this process slept (on a machine
+    that takes turns, the other process's whole turn) against the first half second of the new work."""
 
     def __init__(self, window_s: float = 0.5, busy: Callable[[], float] = busy_seconds,
                  own: Callable[[], float] = own_seconds, clock: Callable[[], float] = time.monotonic):
@@ -66,7 +68,7 @@ class OtherLoad:
         except (OSError, ValueError, StopIteration):  # no /proc/stat, or one in a shape not known here
             self._readable = False
             return None
-        if self._last is not None:
+        if self._last is not None and now - self._last[0] <= 2 * self.window_s:
             then, busy, own = self._last
             self._cores = max(0.0, (sample[1] - busy) - (sample[2] - own)) / (now - then)
         self._last = sample

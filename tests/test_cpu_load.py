@@ -36,8 +36,12 @@ def test_other_load_is_the_busy_time_less_our_own_over_each_window():
     assert load.cores() == pytest.approx(((11.0 - 10.0) - (3.5 - 3.0)) / 0.5)  # one core's worth went elsewhere
     clock[0], busy[0], own[0] = 1.0, 11.8, 4.3
     assert load.cores() == pytest.approx(0.0)  # all of it ours
-    clock[0], busy[0], own[0] = 11.0, 12.8, 4.3
-    assert load.cores() == pytest.approx(0.1)  # after a pause, the pause is the window
+    clock[0], busy[0], own[0] = 11.0, 30.8, 4.3
+    assert load.cores() == pytest.approx(0.0)  # after a pause: a new window, the value from before it
+    clock[0], busy[0], own[0] = 11.5, 31.3, 4.8
+    assert load.cores() == pytest.approx(0.0)
+    clock[0], busy[0], own[0] = 12.0, 32.3, 5.3
+    assert load.cores() == pytest.approx(1.0)
 
 
 def test_other_load_is_none_where_the_counters_cannot_be_read():
@@ -54,14 +58,14 @@ def test_other_load_is_none_where_the_counters_cannot_be_read():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc/stat")
 def test_other_load_sees_another_process_and_not_this_one():
     """A busy loop in a child process counts (about a core); the same loop in this process does not."""
-    load = OtherLoad(0.0)
+    load = OtherLoad(0.4)  # every gap below: one window or a little more, never a pause
     assert busy_seconds() > 0 and own_seconds() > 0
     load.cores()
     time.sleep(0.5)
     before = load.cores()
     if before > 0.3:
         pytest.skip(f"other work already uses {before:.2f} cores here: a busy loop's share cannot be told apart")
-    end = time.monotonic() + 0.8
+    end = time.monotonic() + 0.7
     while time.monotonic() < end:  # this process busy
         pass
     ours = load.cores()
@@ -70,7 +74,7 @@ def test_other_load_sees_another_process_and_not_this_one():
     try:
         time.sleep(0.4)  # its start-up
         load.cores()
-        time.sleep(0.8)
+        time.sleep(0.7)
         theirs = load.cores()
     finally:
         child.wait(timeout=30)
