@@ -17,9 +17,7 @@ for issue 21 (`{"n": 1}` in 3 s on 2 cores).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -37,7 +35,7 @@ from model.engine import SampleSpec, SamplerEngine, generate, to_uint8  # noqa: 
 from model.noise import gaussian  # noqa: E402
 from model.onnx_chain import image_input, step_nodes  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
-from report import command, emit  # noqa: E402
+from report import command, emit, stamp  # noqa: E402
 
 
 def loop_graph(unet_path: Path, shape: tuple[int, int, int]):
@@ -152,8 +150,7 @@ def main(argv=None) -> None:
     best = {name: min(v) for name, v in times.items()}
     lines = [
         f"# The batch-{a.batch} `ddpm` chain: one call per step vs several steps per call", "",
-        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, onnxruntime {ort.__version__}",
+        f"{stamp()}, torch {torch.__version__}, onnxruntime {ort.__version__}",
         f"- weights: {Path(a.weights).name}; {a.steps}-step ddpm, seeds {seeds[0]}..{seeds[-1]}; ORT threads "
         + ("not spinning (the service's default)" if a.no_spin else "spinning (SPIN_THREADS)"),
         f"- command: `{command(__file__, argv)}`",

@@ -18,10 +18,8 @@ import argparse
 import dataclasses
 import math
 import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -34,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from model.runner_onnx import export  # noqa: E402
 from model.unet import UNet, UNetConfig, count_parameters  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
-from report import command, emit  # noqa: E402
+from report import command, emit, stamp  # noqa: E402
 from runner import time_interleaved  # noqa: E402  (bench/runner.py)
 from runner_profile import as_fn, session, without_group_norm  # noqa: E402  (bench/runner_profile.py)
 
@@ -102,7 +100,7 @@ def main(argv=None) -> None:
         [(_, ms)] = time_interleaved(fns, module, [1], a.rounds, a.min_seconds, unchecked=frozenset(fns))
 
     lines = ["# What a cheaper network would buy (batch-1 ONNX Runtime forward)", "",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+             f"{stamp()}, "
              f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}",
              f"- derived from: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels}, mult "
              f"{'-'.join(map(str, cfg.channel_mult))}, attention at {list(cfg.attn_resolutions)})",

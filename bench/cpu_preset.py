@@ -8,7 +8,6 @@ service uses (model/runner.py: frozen TorchScript, one shard per thread). FLOPs 
 """
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.runner import ModelRunner  # noqa: E402
 from model.unet import PRESETS, UNet, UNetConfig, count_parameters  # noqa: E402
-from report import command, emit  # noqa: E402
+from report import command, emit, stamp  # noqa: E402
 
 CANDIDATES = {
     "cpu32 (shipped): 32px, base 16, mult 1-2-4, 1 res block, attn 8": PRESETS["cpu32"],
@@ -67,7 +66,7 @@ def main(argv=None):
         print(rows[-1], flush=True)
     text = "\n".join([
         "# CPU preset: U-Net forward time of candidates", "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, "
+        f"{stamp()}, "
         f"{torch.get_num_threads()} torch threads, fp32, channels_last, torch {torch.__version__}",
         f"- command: `{command(__file__, argv)}`", "",
         "Forward times: eager / the service's runner (model/runner.py).", "",

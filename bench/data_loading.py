@@ -5,7 +5,6 @@
 
 import argparse
 import io
-import platform
 import sys
 import tarfile
 import time
@@ -17,7 +16,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.data import frame, load_images, to_model_range  # noqa: E402
-from report import command, emit  # noqa: E402
+from report import command, emit, stamp  # noqa: E402
 
 TAR = Path(__file__).resolve().parent.parent.parent / "shared/data/celeba/img_align_celeba_89x109_000001-009000.tar"
 
@@ -48,7 +47,7 @@ def main(argv=None):
     per_batch = (time.perf_counter() - t0) / 10
     text = "\n".join([
         "# Data loading: decode once vs decode per batch", "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, 2 cores; "
+        f"{stamp()}; "
         f"images at {a.size}x{a.size}",
         f"- command: `{command(__file__, argv)}`", "",
         "| what | time |", "| --- | --- |",

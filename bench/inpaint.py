@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from report import command, emit
+from report import command, emit, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,7 +99,7 @@ def main() -> int:
         print(json.dumps({"method": name, "fid": rows[-1][1], "kid": kid}), flush=True)
     lines = [
         f"# Inpainting the centre square (half the side) of {a.n} held-out faces ({a.range_}), {size}x{size}", "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{stamp()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, weights {w.name} ({w.sha256[:12]})",
         f"- command: `{command(__file__)}`",
         f"- RePaint: {repaint_s:.0f} s for {a.n} faces; known pixels back within 1/255: {100 * known_ok:.2f}%",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
-from report import command, emit  # noqa: E402
+from report import command, emit, stamp  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -82,7 +81,7 @@ def main(argv=None) -> None:
             for k, v in runs.items():
                 chains[(k, spin)] = (min(v), statistics.median(v))
     lines = ["# A network without GroupNorm: cpu32 beside an mp-unet distilled from it (bench/mp_student.py)", "",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+             f"{stamp()}, "
              f"torch {torch.__version__}, onnxruntime {ort.__version__}",
              f"- command: `{command(__file__)}`",
              "",

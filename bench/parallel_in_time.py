@@ -21,9 +21,7 @@ interleaved, all on ONNX Runtime with two spinning threads (`SPIN_THREADS`).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,7 +37,7 @@ from model.engine import SamplerEngine, generate, to_uint8  # noqa: E402
 from model.noise import gaussian  # noqa: E402
 from model.runner_onnx import OnnxUNet  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
-from report import command, emit  # noqa: E402
+from report import command, emit, stamp  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16)
 
@@ -149,8 +147,7 @@ def main(argv=None) -> None:
     best = {name: min(v) for name, v in times.items()}
     lines = [
         "# One 1000-step `ddpm` chain: serial vs parallel in time (Picard iteration), batch 1", "",
-        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, onnxruntime {ort.__version__}",
+        f"{stamp()}, torch {torch.__version__}, onnxruntime {ort.__version__}",
         f"- weights: {Path(a.weights).name}; {a.steps}-step ddpm, seed {a.seed}; ONNX Runtime on {threads} spinning "
         "threads (`SPIN_THREADS`)",
         f"- command: `{command(__file__, argv)}`", "",

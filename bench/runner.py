@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ import torch  # noqa: E402
 
 from model.runner import ModelRunner  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
-from report import command, emit  # noqa: E402
+from report import command, emit, stamp  # noqa: E402
 
 
 def time_interleaved(fns: dict, unet, batches: list[int], rounds: int, min_seconds: float,
@@ -84,7 +83,7 @@ def main() -> None:
     lines = [
         "# U-Net forward by runner (model/runner.py)",
         "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{stamp()}, "
         f"{threads} torch threads, fp32, channels_last, torch {torch.__version__}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
         f"- weights: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels})",

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -28,7 +26,7 @@ from model.runner_onnx import OnnxUNet, export  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 from runner import time_interleaved  # noqa: E402  (bench/runner.py, this folder)
 from sampler import flops_per_image, matmul_peak_flops  # noqa: E402  (bench/sampler.py)
-from report import command, emit  # noqa: E402
+from report import command, emit, stamp  # noqa: E402
 
 
 class OpenVinoUNet:
@@ -88,7 +86,7 @@ def main() -> None:
     lines = [
         "# U-Net forward on CPU by backend (model/runner.py, model/runner_onnx.py)",
         "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{stamp()}, "
         f"{threads} threads, fp32, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"OpenVINO {ov_version}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
         f"- weights: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels}), {gflop:.3f} GFLOP per "

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from model.runner_onnx import export  # noqa: E402
 from model.weights import DEFAULT_WEIGHTS, load_weights  # noqa: E402
 from runner import time_interleaved  # noqa: E402  (bench/runner.py)
 from sampler import matmul_peak_flops  # noqa: E402  (bench/sampler.py)
-from report import command, emit  # noqa: E402
+from report import command, emit, stamp  # noqa: E402
 
 OPTIONS = ((1, False), (2, False), (2, True))  # (ORT intra-op threads, spinning)
 ROUNDS = 9
@@ -234,7 +233,7 @@ def main(argv=None) -> None:
     pauses = call_after_pause()
 
     lines = ["# Where the batch-1 CPU forward goes (ONNX Runtime)", "",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+             f"{stamp()}, "
              f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}",
              f"- weights: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels})",
              f"- command: `{command(__file__, argv)}`",

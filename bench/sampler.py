@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from model.diffusion import Diffusion, ScheduleConfig  # noqa: E402
 from model.engine import SamplerEngine, generate  # noqa: E402
 from model.unet import PRESETS, UNet  # noqa: E402
 from model.weights import LoadedWeights, load_weights  # noqa: E402
-from report import command, emit  # noqa: E402
+from report import command, emit, stamp  # noqa: E402
 
 
 def random_weights(preset: str) -> LoadedWeights:
@@ -174,8 +173,7 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     header = [
         f"# Sampler: ours vs diffusers DDPMPipeline ({w.name}, ddpm)", "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()} {torch.get_num_threads()} threads"
-        f" ({platform.processor() or 'cpu'}), device {device}, dtype {str(dtype).split('.')[-1]}, torch "
+        f"{stamp()}, {torch.get_num_threads()} threads, device {device}, dtype {str(dtype).split('.')[-1]}, torch "
         f"{torch.__version__}",
         f"- command: `{command(__file__, argv)}`",
         f"- U-Net FLOPs per image per step: {flops / 1e9:.3f} GFLOP (FlopCounterMode); device peak measured as the "

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from report import command, emit
+from report import command, emit, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_S: list[float] = []  # seconds from start to /readyz of each service() run (weights load, warm-up, capture)
@@ -80,7 +80,7 @@ def service(weights: str, max_batch: int, extra: list[str] | None = None, on_sta
 
 def header(title: str, argv, script: str = __file__) -> list[str]:
     return [f"# {title}", "",
-            f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+            f"{stamp()}, "
             f"python {platform.python_version()}",
             f"- command: `{command(script, argv)}`", ""]
 

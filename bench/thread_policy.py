@@ -15,7 +15,6 @@ adds to the results file.
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from report import command, emit
+from report import command, emit, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,7 +173,7 @@ def main(argv=None):
                     results.setdefault((option, cond), []).append(measure_engine(option, a.engine_reps, cache,
                                                                                  a.weights))
     lines = [f"# Thread policy on the CPU: {', '.join(a.tables)}", "",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M')}, machine: {platform.machine()}, {os.cpu_count()} cores",
+             stamp(),
              f"- command: `{command(__file__, argv)}`",
              f"- {a.rounds} interleaved rounds (each run listed); a busy neighbour is another process in a matmul loop"]
     if "omp" in a.tables:

@@ -123,6 +123,25 @@ def test_report_writes_or_appends_the_printed_section(tmp_path, capsys, monkeypa
     assert capsys.readouterr().out.endswith("# E\n\n")
 
 
+def test_results_name_the_cpu_and_its_vector_extensions(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import platform
+
+    from report import machine, stamp
+
+    def cpuinfo(flags: str):
+        core = "model name\t: Some CPU\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: {}\n\n".format(flags)
+        text = "".join(f"processor\t: {i}\n{core}" for i in range(2))
+        (tmp_path / "cpuinfo").write_text(text)
+        return machine(tmp_path / "cpuinfo")
+
+    assert cpuinfo("fpu sse2 avx avx2 fma").startswith(f"{platform.machine()}, Some CPU (family 26 model 2, AVX2), ")
+    assert "(family 26 model 2, AVX-512 with bf16)" in cpuinfo("avx2 avx512f avx512_bf16")
+    assert "(family 26 model 2)" in cpuinfo("fpu sse2")
+    assert machine(tmp_path / "absent").startswith(f"{platform.machine()}, ")  # not Linux: what platform knows
+    assert re.fullmatch(r"- date: \d{4}-\d\d-\d\d \d\d:\d\d, machine: .+ cores", stamp())
+
+
 def test_mp_student_times_an_mp_unet_beside_its_teacher(tiny_weights, tmp_path):
     """bench/mp_student.py writes its table (nodes, forward, chain) for the teacher and an mp-unet weights file."""
     from conftest import mp_unet_like_trained
