@@ -58,8 +58,8 @@ def main() -> None:
     import onnxruntime
 
     threads = torch.get_num_threads()
-    peak, peak_n = matmul_peak_flops(torch.device("cpu"), torch.float32)
-    peak, peak_at = peak / 1e9, f"{peak_n}x{peak_n}"
+    peak, peak_at = matmul_peak_flops(torch.device("cpu"), torch.float32)
+    peak /= 1e9
     print(f"matmul peak: {peak:.0f} GFLOP/s ({peak_at})", flush=True)
     w = load_weights(a.weights)
     cpu = torch.device("cpu")
@@ -91,7 +91,8 @@ def main() -> None:
         f"OpenVINO {ov_version}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
         f"- weights: {Path(a.weights).name} ({cfg.image_size}px, base {cfg.base_channels}), {gflop:.3f} GFLOP per "
         f"image per forward (torch's FlopCounterMode)",
-        f"- matmul peak: {peak:.0f} GFLOP/s (best of 512/1024/2048 square fp32 matmuls x 5 repeats, at {peak_at})",
+        f"- matmul peak: {peak:.0f} GFLOP/s (best of 512/1024/2048 square fp32 matmuls in torch and ONNX Runtime x 5 "
+        f"repeats, at {peak_at})",
         f"- command: `{command(__file__)}`",
         f"- {a.rounds} interleaved rounds; ms per forward, best round (median); the last two columns are the "
         "runner's (ORT, sharded)",

@@ -52,25 +52,50 @@ def peak_sizes(device) -> tuple[int, ...]:
     return (2048, 4096, 8192) if device.type == "cuda" else (512, 1024, 2048)
 
 
-def matmul_peak_flops(device, dtype, sizes=None, repeats: int = 5) -> tuple[float, int]:
-    """The device's practical peak: the best FLOP/s of square matmuls over several sizes, each timed `repeats`
-    times over ~0.2 s (what the U-Net's convs could reach at most), and the size that reached it."""
-    best, at = 0.0, 0
+def _gemms(device, dtype, n: int) -> dict:
+    """Square n x n matmuls, each as a zero-argument call, by library, on torch's thread count. On the CPU in fp32,
+    beside torch's (MKL, which on an AMD host runs AVX2 code: 210 GFLOP/s where ONNX Runtime did 459 on an AVX-512
+    Zen 5 host), ONNX Runtime's (MLAS, whose kernels the runner's convolutions use): the peak is the best of them."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    calls = {"torch": lambda: a @ b}
+    if device.type != "cpu" or dtype != torch.float32:
+        return calls
+    an, bn = a.numpy(), b.numpy()
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return calls
+    io = [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "abc"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", io[:2], io[2:])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    calls["onnxruntime"] = lambda: session.run(None, {"a": an, "b": bn})
+    return calls
+
+
+def matmul_peak_flops(device, dtype, sizes=None, repeats: int = 5) -> tuple[float, str]:
+    """The device's practical peak: the best FLOP/s of square matmuls over several sizes and libraries (_gemms),
+    each timed `repeats` times over ~0.15 s (what the U-Net's convs could reach at most), and where it was reached
+    ("2048x2048, onnxruntime")."""
+    best, at = 0.0, ""
     for n in sizes or peak_sizes(device):
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
-        reps = max(3, int((1e14 if device.type == "cuda" else 4e8) / (2 * n**3)))  # ~0.15 s per timing
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            flops = 2 * n**3 * reps / (time.perf_counter() - t0)
-            if flops > best:
-                best, at = flops, n
+        for name, matmul in _gemms(device, dtype, n).items():
+            matmul()
+            reps = max(3, int((1e14 if device.type == "cuda" else 4e8) / (2 * n**3)))  # ~0.15 s per timing
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    matmul()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                flops = 2 * n**3 * reps / (time.perf_counter() - t0)
+                if flops > best:
+                    best, at = flops, f"{n}x{n}, {name}"
     return best, at
 
 
@@ -137,7 +162,7 @@ def main(argv=None) -> int:
         print(time_diffusers(w, device, dtype, a.batch[0], steps[0]))
         return 0
     flops = flops_per_image(w.unet.to(device, dtype), w.unet.config.image_size, device, dtype)
-    peak, peak_n = matmul_peak_flops(device, dtype)
+    peak, peak_at = matmul_peak_flops(device, dtype)
     rows, modes = [], []
     def diffusers_seconds(b: int, n: int) -> float:
         if device.type != "cpu":
@@ -177,11 +202,11 @@ def main(argv=None) -> int:
         f"{torch.__version__}",
         f"- command: `{command(__file__, argv)}`",
         f"- U-Net FLOPs per image per step: {flops / 1e9:.3f} GFLOP (FlopCounterMode); device peak measured as the "
-        f"best square matmul of {', '.join(map(str, peak_sizes(device)))} x 5 repeats: {peak / 1e9:.1f} GFLOP/s "
-        f"(at {peak_n}x{peak_n})",
+        f"best square matmul of {', '.join(map(str, peak_sizes(device)))} x 5 repeats in "
+        f"{', '.join(_gemms(device, dtype, 8))}: {peak / 1e9:.1f} GFLOP/s (at {peak_at})",
         f"- each side timed {a.repeat} time(s), interleaved; the best counts. \"of peak\": the best run's FLOP/s over "
         "the peak above; the last column divides each run's FLOP/s by a matmul peak timed just before it (best of "
-        "the three sizes x 2), since this VM's speed moves within minutes",
+        "the three sizes and libraries x 2), since this VM's speed moves within minutes",
         f"- OMP_WAIT_POLICY: ours {os.environ.get('OMP_WAIT_POLICY', 'unset (libgomp default)')}, diffusers "
         "unset (libgomp default, in its own process); our runner modes (model/runner.py): "
         f"{', '.join(sorted(set(modes)))}",

@@ -142,6 +142,21 @@ def test_results_name_the_cpu_and_its_vector_extensions(tmp_path, monkeypatch):
     assert re.fullmatch(r"- date: \d{4}-\d\d-\d\d \d\d:\d\d, machine: .+ cores", stamp())
 
 
+def test_matmul_peak_is_the_best_library_and_says_which(monkeypatch):
+    """MKL (torch's) runs AVX2 code on an AMD AVX-512 host, at less than half of ONNX Runtime's MLAS: the "of peak"
+    figures divide by the best GEMM on the machine, so both are timed, on the same matrices."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import torch
+
+    from sampler import _gemms, matmul_peak_flops
+
+    calls = _gemms(torch.device("cpu"), torch.float32, 64)
+    assert set(calls) == {"torch", "onnxruntime"}
+    torch.testing.assert_close(torch.from_numpy(calls["onnxruntime"]()[0]), calls["torch"](), rtol=1e-5, atol=1e-4)
+    flops, at = matmul_peak_flops(torch.device("cpu"), torch.float32, sizes=(32, 64), repeats=1)
+    assert flops > 0 and re.fullmatch(r"(32x32|64x64), (torch|onnxruntime)", at)
+
+
 def test_mp_student_times_an_mp_unet_beside_its_teacher(tiny_weights, tmp_path):
     """bench/mp_student.py writes its table (nodes, forward, chain) for the teacher and an mp-unet weights file."""
     from conftest import mp_unet_like_trained

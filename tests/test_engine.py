@@ -1,5 +1,7 @@
 """The sampler engine's contracts: which noise each step uses, and that a failed step can be retried."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,46 @@ def test_a_step_that_fails_can_be_retried_and_gives_the_uninterrupted_images(whe
     assert sorted(retried) == sorted(reference) == [("g", 0), ("g", 1), ("h", 0)]
     for key in reference:
         assert np.array_equal(retried[key], reference[key]), key
+
+
+def test_big_batches_draw_their_noise_during_the_forward_with_the_same_bits(monkeypatch):
+    """From NOISE_AHEAD_ROWS rows on CPU a step's noise is drawn on a helper thread while the U-Net runs: the same
+    images as drawn after it, and a failure there fails the step, whose retry gives the same images."""
+    torch.manual_seed(0)
+    unet, d = UNet(PRESETS["tiny"]), Diffusion()
+    rows = engine_module.NOISE_AHEAD_ROWS
+    threads = []
+    real_gaussian = engine_module.gaussian
+    monkeypatch.setattr(engine_module, "gaussian",
+                        lambda *a: (threads.append(threading.current_thread().name), real_gaussian(*a))[1])
+
+    def run(ahead: bool, fail_at: int | None = None):
+        monkeypatch.setattr(engine_module, "NOISE_AHEAD_ROWS", rows if ahead else 10**9)
+        engine = SamplerEngine(unet, d, noise_chunk_elems=rows * 192 * 3)  # refills every 3 steps
+        engine.add("g", [SampleSpec(s, "ddpm", 10) for s in range(rows)])
+        real_noise, k = engine._noise, 0
+        if fail_at is not None:
+            engine._noise = lambda *need: (k == fail_at and (engine.__dict__.pop("_noise"), 1 / 0), real_noise())[1]
+        threads.clear()
+        out, failures = {}, 0
+        while len(engine):
+            try:
+                step = engine.step()
+            except ZeroDivisionError:
+                failures += 1
+                continue  # the retry
+            out.update({index: img for _, index, img in step.finished})
+            k += 1
+        assert failures == (fail_at is not None)
+        return np.stack([out[i] for i in range(rows)]), threads[1:]  # threads[0]: x_T, drawn by add()
+
+    drawn_after, where = run(False)
+    assert where and set(where) == {"MainThread"}
+    drawn_ahead, where = run(True)
+    assert where and all(name.startswith("noise") for name in where)
+    assert np.array_equal(drawn_ahead, drawn_after)
+    retried, _ = run(True, fail_at=3)  # step 3 refills the noise
+    assert np.array_equal(retried, drawn_after)
 
 
 def test_clear_empties_the_batch_without_device_work():
