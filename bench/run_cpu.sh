@@ -6,6 +6,8 @@ export OMP_WAIT_POLICY=PASSIVE  # bench/thread_policy.py unsets it for its own r
 # The diffusers baselines get their best setting: libgomp's default policy, alone on the cores (under PASSIVE
 # DDPMPipeline ran 2.5x slower): sampler.py runs it in a child process without the variable, and the latency run
 # below unsets it (the service sets PASSIVE for itself, service/__main__.py).
+# Results files name the CPU (bench/report.py). The plain names hold the AVX2 host's runs (until 2026-12-01); the
+# *-avx512.md ones were written on the AVX-512 host by the same commands with --out renamed.
 W=weights/celeba32-cpu.safetensors
 DATA=../shared/data/celeba/img_align_celeba_89x109_000001-009000.tar
 python -m model.sample --weights $W --n 16 --seed 0 --out runs/samples-ddpm1000 && cp runs/samples-ddpm1000/grid.png docs/samples.png

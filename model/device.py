@@ -47,7 +47,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 on a GPU with native bf16 (emulated bf16 is slow: fp16 then), fp32 on CPU (no fast bf16)."""
+    """'auto': bf16 on a GPU with native bf16 (emulated bf16 is slow: fp16 then), fp32 on CPU (the ONNX Runtime
+    runner is fp32, and many CPUs have no bf16 arithmetic)."""
     if name == "auto":
         if device.type == "cuda":
             native = torch.cuda.is_bf16_supported(including_emulation=False)

@@ -88,7 +88,7 @@ class ModelRunner:
             else:
                 mode = compiled if device.type == "cpu" else "graphs"
         if mode == "onnx" and dtype != torch.float32:
-            raise ValueError("runner mode 'onnx' runs fp32 (this CPU has no fast bf16)")
+            raise ValueError("runner mode 'onnx' runs fp32 (ONNX Runtime's CPU kernels)")
         self.workers = max(1, workers or torch.get_num_threads())
         self.spin = spin
         self.other_load = OtherLoad() if spin == "auto" else None
