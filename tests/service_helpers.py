@@ -58,6 +58,19 @@ def running(settings: Settings, weights=None, app_hook=None):
         thread.join(timeout=30)
 
 
+def slow_steps(seconds: float):
+    """An app_hook for running(): every engine step (one runner call, up to 10 chained steps) takes `seconds`
+    longer, so that a test's timing holds against a step however fast the CPU (the tiny model's 1000-step chain
+    takes 0.2-0.5 s on these VMs)."""
+
+    def hook(app):
+        engine = app.state.runtime.engine
+        real = engine.step
+        engine.step = lambda: (time.sleep(seconds), real())[1]
+
+    return hook
+
+
 def metric(url: str, name: str, labels: dict | None = None) -> float:
     """The value of one sample from /metrics (0 when absent), parsed with prometheus_client's parser."""
     text = httpx.get(url + "/metrics", timeout=10).text

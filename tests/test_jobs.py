@@ -12,7 +12,7 @@ import pytest
 
 from service.settings import Settings
 
-from service_helpers import decode_png, metric, running
+from service_helpers import decode_png, metric, running, slow_steps
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -108,15 +108,9 @@ def test_a_late_subscriber_gets_the_current_state_first(served):
     assert stream[1] == ("progress", {"step": 20, "steps": 20, "eta_s": None}) or stream[1][0] == "progress"
 
 
-def _slow_steps(app):
-    """100 ms per step, so that HTTP round trips are short against a step."""
-    engine = app.state.runtime.engine
-    real = engine.step
-    engine.step = lambda: (time.sleep(0.1), real())[1]
-
-
 def test_cancel_while_running_frees_the_slot_within_a_step(tiny_weights):
-    with running(Settings(weights=tiny_weights, max_batch=4, warmup=False), app_hook=_slow_steps) as (url, _):
+    # 100 ms per step, so that HTTP round trips are short against a step
+    with running(Settings(weights=tiny_weights, max_batch=4, warmup=False), app_hook=slow_steps(0.1)) as (url, _):
         long = start(url, {"n": 4, "seed": 1, "steps": 1000})  # fills the batch (max 4)
         queued = start(url, {"n": 1, "seed": 9, "sampler": "ddim", "steps": 5})
         wait_state(url, long["id"], ("running",))
@@ -138,7 +132,8 @@ def test_cancel_while_running_frees_the_slot_within_a_step(tiny_weights):
 
 
 def test_cancel_while_queued_and_a_stream_that_sees_it(tiny_weights):
-    with running(Settings(weights=tiny_weights, max_batch=1, warmup=False)) as (url, _):
+    # slowed steps: on a fast CPU the tiny model's 1000 steps end within the 0.3 s below, and the waiting job runs
+    with running(Settings(weights=tiny_weights, max_batch=1, warmup=False), app_hook=slow_steps(0.1)) as (url, _):
         running_job = start(url, {"n": 1, "seed": 1, "steps": 1000})
         waiting = start(url, {"n": 1, "seed": 2, "steps": 1000})
         wait_state(url, running_job["id"], ("running",))
@@ -153,16 +148,17 @@ def test_cancel_while_queued_and_a_stream_that_sees_it(tiny_weights):
         httpx.delete(f"{url}/v1/jobs/{running_job['id']}")
 
 
-def test_a_deadline_fails_the_job_and_a_disconnected_stream_does_not_cancel_it(served):
-    url, _ = served
-    job = start(url, {"n": 1, "seed": 5, "steps": 1000, "deadline_s": 0.5})
-    with httpx.stream("GET", f"{url}/v1/jobs/{job['id']}/events", timeout=30) as r:
-        next(r.iter_lines())  # connected; now leave (the discarded iterator closes the response)
-    time.sleep(0.1)
-    assert get(url, job["id"]).json()["state"] in ("queued", "running")  # leaving the stream cancelled nothing
-    info = wait_state(url, job["id"], ("failed",))
-    assert info["error"] == {"reason": "deadline", "detail": "request deadline passed before it finished"}
-    assert [k for k, _ in events(url, job["id"])][-1] == "failed"
+def test_a_deadline_fails_the_job_and_a_disconnected_stream_does_not_cancel_it(tiny_weights):
+    # slowed steps: on a fast CPU the tiny model's 1000 steps end within the 0.5 s deadline
+    with running(Settings(weights=tiny_weights, warmup=False), app_hook=slow_steps(0.1)) as (url, _):
+        job = start(url, {"n": 1, "seed": 5, "steps": 1000, "deadline_s": 0.5})
+        with httpx.stream("GET", f"{url}/v1/jobs/{job['id']}/events", timeout=30) as r:
+            next(r.iter_lines())  # connected; now leave (the discarded iterator closes the response)
+        time.sleep(0.1)
+        assert get(url, job["id"]).json()["state"] in ("queued", "running")  # leaving the stream cancelled nothing
+        info = wait_state(url, job["id"], ("failed",))
+        assert info["error"] == {"reason": "deadline", "detail": "request deadline passed before it finished"}
+        assert [k for k, _ in events(url, job["id"])][-1] == "failed"
 
 
 def test_idempotency_key_returns_the_same_job(served):

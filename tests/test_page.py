@@ -2,7 +2,6 @@
 
 import base64
 import io
-import time
 
 import httpx
 import pytest
@@ -11,19 +10,13 @@ from PIL import Image
 from service.settings import Settings
 
 from browser import offline_page
-from service_helpers import running
-
-
-def _slow_steps(app):
-    """50 ms per step, so that a 20-step job lasts long enough (1 s) to show previews on the way."""
-    engine = app.state.runtime.engine
-    real = engine.step
-    engine.step = lambda: (time.sleep(0.05), real())[1]
+from service_helpers import running, slow_steps
 
 
 @pytest.fixture(scope="module")
 def served(tiny_weights):
-    with running(Settings(weights=tiny_weights, max_batch=8, max_n=8, warmup=False), app_hook=_slow_steps) as s:
+    # 50 ms per step, so that a 20-step job lasts long enough (1 s) to show previews on the way
+    with running(Settings(weights=tiny_weights, max_batch=8, max_n=8, warmup=False), app_hook=slow_steps(0.05)) as s:
         yield s
 
 

@@ -19,7 +19,7 @@ from model.weights import file_sha256, load_weights
 from service.settings import Settings
 
 from conftest import ROOT, nearly_equal
-from service_helpers import decode_png, free_port, metric, running, wait_ready
+from service_helpers import decode_png, free_port, metric, running, slow_steps, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,8 @@ def test_health_model_and_openapi(served):
 def test_deadline(served):
     url, _ = served
     before = metric(url, "celeba_ddpm_cancelled_requests_total", {"reason": "deadline"})
-    r = post(url, {"n": 1, "seed": 1, "steps": 1000, "deadline_s": 0.2})
+    # the tiny model's 1000 steps take 0.2-0.5 s on these CPUs: 0.05 s leaves a margin on a faster one
+    r = post(url, {"n": 1, "seed": 1, "steps": 1000, "deadline_s": 0.05})
     assert r.status_code == 504 and "deadline" in r.json()["detail"]
     assert metric(url, "celeba_ddpm_cancelled_requests_total", {"reason": "deadline"}) == before + 1
 
@@ -433,7 +434,9 @@ def test_a_chunked_body_without_content_length_is_cut_off_at_the_limit(served):
 
 
 def test_request_timeout_setting_is_the_default_deadline(tiny_weights):
-    with running(Settings(weights=tiny_weights, warmup=False, request_timeout_s=0.3)) as (url, _):
+    # 5 ms more per step: the 1000-step chain outlasts 0.3 s however fast the CPU, 2 steps stay well within it
+    settings = Settings(weights=tiny_weights, warmup=False, request_timeout_s=0.3)
+    with running(settings, app_hook=slow_steps(0.005)) as (url, _):
         r = post(url, {"n": 1, "seed": 1, "steps": 1000})  # no deadline_s of its own
         assert r.status_code == 504 and "deadline" in r.json()["detail"]
         assert post(url, {"n": 1, "seed": 1, "steps": 2, "sampler": "ddim"}).status_code == 200
