@@ -257,7 +257,7 @@ class SamplerEngine:
     # ---- one denoising step ----------------------------------------------------------------------------
     def _noise(self, need: int = 1) -> tuple[torch.Tensor, int]:
         """(noise table, column) for the coming `need` steps; the caller commits the column when they succeed."""
-        if self._z is not None and self._zcol + need <= self._z.shape[1]:
+        if not self._noise_due(need):
             return self._z, self._zcol
         b = len(self.rows)
         chunk = max(need, min(64, self.noise_chunk_elems // max(1, b * int(np.prod(self.shape)))))
@@ -265,11 +265,15 @@ class SamplerEngine:
         idx = (self.pos[:, None] + 1 + j[None]).reshape(-1)  # z of step k has noise index k + 1
         return gaussian(self.seeds.repeat_interleave(chunk), idx, self.shape).view(b, chunk, *self.shape), 0
 
+    def _noise_due(self, need: int = 1) -> bool:
+        """Whether the noise table lacks the coming `need` steps' columns (and _noise() must draw)."""
+        return self._z is None or self._zcol + need > self._z.shape[1]
+
     def _noise_ahead(self) -> Future | None:
         """Start drawing this step's noise on the helper thread, where that pays (NOISE_AHEAD_ROWS) and the noise
         table holds none for it; the caller takes `.result()` after the forward, in place of _noise()."""
-        if (not self._stochastic or self.device.type != "cpu" or len(self.rows) < NOISE_AHEAD_ROWS
-                or (self._z is not None and self._zcol < self._z.shape[1])):
+        if not self._stochastic or self.device.type != "cpu" or len(self.rows) < NOISE_AHEAD_ROWS \
+                or not self._noise_due():
             return None
         if self._helper is None:  # single-threaded torch, as the runner's shards: the cores are theirs
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="noise", initializer=torch.set_num_threads,

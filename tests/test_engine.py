@@ -119,8 +119,15 @@ def test_big_batches_draw_their_noise_during_the_forward_with_the_same_bits(monk
         engine = SamplerEngine(unet, d, noise_chunk_elems=rows * 192 * 3)  # refills every 3 steps
         engine.add("g", [SampleSpec(s, "ddpm", 10) for s in range(rows)])
         real_noise, k = engine._noise, 0
+
+        def failing_noise(need=1):  # fails once, at step fail_at, wherever it runs; then the real one again
+            if k == fail_at:
+                del engine._noise
+                raise ZeroDivisionError("injected")
+            return real_noise(need)
+
         if fail_at is not None:
-            engine._noise = lambda *need: (k == fail_at and (engine.__dict__.pop("_noise"), 1 / 0), real_noise())[1]
+            engine._noise = failing_noise
         threads.clear()
         out, failures = {}, 0
         while len(engine):
