@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import save_file
 
 from conftest import ROOT
-from service_helpers import free_port, wait_ready
+from service_helpers import free_port, metric, wait_ready
 
 
 def start(args, env=None):
@@ -36,7 +36,10 @@ def test_kill_9_under_load_then_start_again(tiny_weights, tmp_path):
         with ThreadPoolExecutor(4) as ex:
             pending = [ex.submit(httpx.post, url + "/generate", json={"n": 2, "seed": i, "steps": 1000}, timeout=60)
                        for i in range(4)]
-            time.sleep(0.5)
+            end = time.monotonic() + 30  # killed while they run (not after a fixed sleep they may outlast)
+            while metric(url, "celeba_ddpm_active_samples") < 1:
+                assert time.monotonic() < end, "no request started"
+                time.sleep(0.01)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
             for f in pending:  # the clients see a closed connection, not a hang

@@ -19,7 +19,9 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 @pytest.fixture(scope="module")
 def served(tiny_weights):
-    with running(Settings(weights=tiny_weights, max_batch=4, max_n=4, warmup=False)) as (url, app):
+    # 5 ms more per step: a 1000-step job stays running through the requests that cancel or watch it
+    with running(Settings(weights=tiny_weights, max_batch=4, max_n=4, warmup=False), app_hook=slow_steps(0.005))\
+            as (url, app):
         yield url, app
 
 
@@ -184,8 +186,8 @@ def test_keys_scope_jobs_and_the_openapi_document_declares_auth_only_with_keys(t
     spec = httpx.get(url + "/openapi.json").json()
     assert "securitySchemes" not in spec.get("components", {})  # no keys: nothing to declare
     (tmp_path / "keys").write_text("# team keys\nbeta-key\n")
-    with running(Settings(weights=tiny_weights, warmup=False, api_keys="alpha-key", api_keys_file=tmp_path / "keys"))\
-            as (kurl, _):
+    settings = Settings(weights=tiny_weights, warmup=False, api_keys="alpha-key", api_keys_file=tmp_path / "keys")
+    with running(settings, app_hook=slow_steps(0.005)) as (kurl, _):  # the job still runs when it is cancelled
         spec = httpx.get(kurl + "/openapi.json").json()
         assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
         alpha, beta = ({"Authorization": f"Bearer {k}"} for k in ("alpha-key", "beta-key"))

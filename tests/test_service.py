@@ -24,7 +24,10 @@ from service_helpers import decode_png, free_port, metric, running, slow_steps, 
 
 @pytest.fixture(scope="module")
 def served(tiny_weights):
-    with running(Settings(weights=tiny_weights, max_batch=8, max_n=8, queue_size=8)) as (url, app):
+    # 5 ms more per step (+0.5 s to a chained 1000-step request): what the tests below send after a long request
+    # starts must find it still running however fast the CPU
+    with running(Settings(weights=tiny_weights, max_batch=8, max_n=8, queue_size=8),
+                 app_hook=slow_steps(0.005)) as (url, app):
         yield url, app
 
 
@@ -236,7 +239,8 @@ def test_client_disconnect_removes_its_samples(served):
 
 
 def test_queue_full_gives_503_with_retry_after(tiny_weights):
-    with running(Settings(weights=tiny_weights, max_batch=1, queue_size=1, warmup=False)) as (url, _):
+    settings = Settings(weights=tiny_weights, max_batch=1, queue_size=1, warmup=False)
+    with running(settings, app_hook=slow_steps(0.005)) as (url, _):  # the first still runs at the third
         long = {"n": 1, "seed": 1, "steps": 1000}
         with ThreadPoolExecutor(2) as ex:
             first = ex.submit(post, url, long)
@@ -337,7 +341,8 @@ def _drain_settings(tiny_weights, grace):
 def test_drain_in_process_refuses_new_work_and_finishes_in_flight_work(tiny_weights):
     """The project's own drain (SIGTERM calls it), with the listener still open: /readyz 503, a new request 503
     with Retry-After, the running request finishes; then work that outlives SHUTDOWN_GRACE_S gets 503."""
-    with running(_drain_settings(tiny_weights, 60)) as (url, app):
+    # slowed steps: the requests must still be running at the drain, and the second outlive its 0.3 s grace
+    with running(_drain_settings(tiny_weights, 60), app_hook=slow_steps(0.01)) as (url, app):
         rt = app.state.runtime
         with ThreadPoolExecutor(1) as ex:
             inflight = ex.submit(post, url, {"n": 2, "seed": 1, "steps": 300})
@@ -351,7 +356,7 @@ def test_drain_in_process_refuses_new_work_and_finishes_in_flight_work(tiny_weig
             assert metric(url, "celeba_ddpm_rejected_requests_total", {"reason": "shutting_down"}) == 1
             r = inflight.result(timeout=120)
             assert r.status_code == 200 and len(r.json()["images"]) == 2
-    with running(_drain_settings(tiny_weights, 0.3)) as (url, app):
+    with running(_drain_settings(tiny_weights, 0.3), app_hook=slow_steps(0.01)) as (url, app):
         with ThreadPoolExecutor(1) as ex:
             inflight = ex.submit(post, url, {"n": 1, "seed": 1, "steps": 1000})
             while metric(url, "celeba_ddpm_active_samples") < 1:
