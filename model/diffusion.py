@@ -4,7 +4,8 @@ Timesteps are 0-based indices t = 0..T-1 (the paper's t = 1..T); the U-Net sees 
   beta_t        noise schedule               alpha_t = 1 - beta_t,  alphabar_t = prod_{s<=t} alpha_s
   q_step        x_t = sqrt(1-beta_t) x_{t-1} + sqrt(beta_t) eps            (one forward step)
   q_sample      x_t = sqrt(alphabar_t) x_0 + sqrt(1-alphabar_t) eps        (closed form)
-  training_loss E || eps - eps_theta(x_t, t) ||^2,  t ~ U{0..T-1}
+  training_loss E_t w_t || eps - eps_theta(x_t, t) ||^2,  t ~ p_t  (Objective: Ho et al.'s w = 1, p uniform by
+                default; min-SNR-gamma and EDM's weighting and log-normal noise levels as options)
 
 What the network outputs is the schedule's `prediction`: "eps" (Ho et al.), or "v" = alpha_t eps - sigma_t x_0
 (Salimans & Ho 2022), where alpha_t = sqrt(alphabar_t), sigma_t = sqrt(1 - alphabar_t). A v-network is still an
@@ -42,6 +43,10 @@ COEFS = ("a", "b", "c", "d", "e", "f")
 Prediction = Literal["eps", "v"]  # what the network outputs (module docstring)
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 ScheduleKind = Literal["linear", "cosine"]
+LossWeighting = Literal["eps", "min-snr", "edm"]
+LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
+TimestepSampling = Literal["uniform", "edm"]
+TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
 
 
 def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -79,6 +84,37 @@ class ScheduleConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ScheduleConfig":
         return cls(**d)  # files written before `prediction` existed are eps-networks: the default
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What training minimises on the discrete schedule: E_{t ~ p} w_t ||eps - eps_theta(x_t, t)||^2.
+
+    The weights are stated in eps-loss units, with SNR_t = alphabar_t / (1 - alphabar_t) and, as EDM writes the
+    noise level, sigma_t^2 = 1 / SNR_t (an x_0 error is sigma_t times the eps error):
+      eps      w = 1                                   Ho et al. (2020), "L_simple"
+      min-snr  w = min(SNR, gamma) / SNR               Hang et al. (2023): x_0 loss capped at gamma
+      edm      w = (sigma^2 + sigma_data^2) / sigma_data^2   Karras et al. (2022): lambda(sigma) sigma^2
+    and t is drawn uniformly, or ("edm") with ln sigma_t ~ N(p_mean, p_std^2) restricted to the T levels.
+    Weights are scaled so that their mean under p is 1: the loss keeps the scale of Ho et al.'s, and so does a
+    learning rate tuned for it. The sampler never sees any of this: it is the same eps predictor.
+    """
+
+    weighting: LossWeighting = "eps"
+    t_sampling: TimestepSampling = "uniform"
+    min_snr_gamma: float = 5.0
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    def __post_init__(self) -> None:
+        if self.weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {self.weighting!r} (expected one of {', '.join(LOSS_WEIGHTINGS)})")
+        if self.t_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"unknown timestep sampling {self.t_sampling!r} "
+                             f"(expected one of {', '.join(TIMESTEP_SAMPLINGS)})")
+        if self.min_snr_gamma <= 0 or self.sigma_data <= 0 or self.p_std <= 0:
+            raise ValueError("min_snr_gamma, sigma_data and p_std must be positive")
 
 
 class Diffusion:
@@ -128,16 +164,49 @@ class Diffusion:
         alpha, sigma = self._alpha_sigma(t, x_t)
         return sigma * x_t + alpha * out
 
+    # ---- training objective ----------------------------------------------------------------------------
+    def snr(self) -> torch.Tensor:
+        """SNR_t = alphabar_t / (1 - alphabar_t), float64, over t = 0..T-1."""
+        return self.alphas_cumprod / (1 - self.alphas_cumprod)
+
+    def timestep_probs(self, objective: Objective) -> torch.Tensor:
+        """p_t over t = 0..T-1 (float64, sums to 1): uniform, or EDM's log-normal density of sigma integrated over
+        each level's share of ln sigma (the midpoints between neighbouring levels; the ends take the tails)."""
+        if objective.t_sampling == "uniform":
+            return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
+        log_sigma = -0.5 * self.snr().log()  # increasing in t
+        edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (log_sigma[1:] + log_sigma[:-1]) / 2,
+                           torch.tensor([math.inf], dtype=torch.float64)])
+        cdf = 0.5 * (1 + torch.erf((edges - objective.p_mean) / (objective.p_std * math.sqrt(2))))
+        p = cdf[1:] - cdf[:-1]
+        return p / p.sum()
+
+    def loss_weights(self, objective: Objective) -> torch.Tensor:
+        """w_t over t = 0..T-1 (float64), scaled so that sum_t p_t w_t = 1 (Objective)."""
+        snr = self.snr()
+        if objective.weighting == "eps":
+            w = torch.ones_like(snr)
+        elif objective.weighting == "min-snr":
+            w = snr.clamp(max=objective.min_snr_gamma) / snr
+        else:  # edm
+            w = 1 + 1 / (snr * objective.sigma_data ** 2)
+        return w / (self.timestep_probs(objective) * w).sum()
+
     def training_loss(self, model, x0: torch.Tensor, t: torch.Tensor | None = None,
-                      eps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The simple DDPM objective: MSE between eps and eps_theta(x_t, t), t uniform over 0..T-1."""
+                      eps: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The DDPM objective: MSE between eps and eps_theta(x_t, t), t uniform over 0..T-1 unless given; with
+        `weights` (loss_weights(), on x0's device) each row's MSE is scaled by its w_t."""
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
         if eps is None:
             eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.q_sample(x0, t, eps)
         eps_hat = self.eps_from_output(model(x_t, t).float(), x_t.float(), t)
-        return torch.nn.functional.mse_loss(eps_hat, eps.float())
+        if weights is None:
+            return torch.nn.functional.mse_loss(eps_hat, eps.float())
+        per_row = (eps_hat - eps.float()).square().flatten(1).mean(1)
+        return (weights[t].float() * per_row).mean()
 
     # ---- reverse process -------------------------------------------------------------------------------
     def timesteps(self, steps: int, spacing: str = "uniform", t_max: int | None = None) -> torch.Tensor:

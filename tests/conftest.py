@@ -15,6 +15,7 @@ from model.weights import save_weights
 ROOT = Path(__file__).resolve().parent.parent
 CELEBA = ROOT.parent / "shared" / "data" / "celeba"
 CELEBA_TAR = CELEBA / "img_align_celeba_89x109_000001-009000.tar"
+CELEBA_MORE_TAR = CELEBA / "img_align_celeba_89x109_more_24477.tar"  # 24,477 more, numbered 010001-126610
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # The ONNX Runtime runner caches its exports under $XDG_CACHE_HOME (model/runner_onnx.py): tests and the services
@@ -78,6 +79,14 @@ def celeba_tar() -> Path:
     if not CELEBA_TAR.is_file():
         skip_or_fail(f"CelebA tar not found at {CELEBA_TAR} (see ../shared/data/celeba/README.md)")
     return CELEBA_TAR
+
+
+@pytest.fixture
+def celeba_more_tar() -> Path:
+    """The second shared CelebA tar (see skip_or_fail())."""
+    if not CELEBA_MORE_TAR.is_file():
+        skip_or_fail(f"CelebA tar not found at {CELEBA_MORE_TAR} (see ../shared/data/celeba/README.md)")
+    return CELEBA_MORE_TAR
 
 
 def needs_celeba():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import nearly_equal
-from model.diffusion import Diffusion, ScheduleConfig, _build_table, cosine_betas
+from model.diffusion import Diffusion, Objective, ScheduleConfig, _build_table, cosine_betas
 from model.engine import SampleSpec, SamplerEngine, generate
 from model.noise import gaussian
 from model.unet import PRESETS, UNet, UNetConfig
@@ -89,6 +89,52 @@ def test_training_loss_is_mse_of_eps():
         + (1 - d.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1).float() * eps
     expected = ((model(x_t, t) - eps) ** 2).mean()
     assert d.training_loss(model, x0, t, eps).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_weighted_loss_scales_each_rows_error_by_its_weight():
+    d = Diffusion()
+    model = AffineEps()
+    x0, eps = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    t = torch.tensor([0, 10, 500, 998, 999])
+    x_t = d.q_sample(x0, t, eps)
+    per_row = ((model(x_t, t) - eps) ** 2).flatten(1).mean(1)
+    w = torch.rand(d.T, dtype=torch.float64) + 0.5
+    assert d.training_loss(model, x0, t, eps, weights=w).item() == pytest.approx((w[t].float() * per_row).mean().item(),
+                                                                                 rel=1e-5)
+    ones = d.loss_weights(Objective())  # Ho et al.'s: w = 1, the same loss as no weights
+    assert torch.allclose(ones, torch.ones(d.T, dtype=torch.float64))
+    assert d.training_loss(model, x0, t, eps, weights=ones).item() == pytest.approx(
+        d.training_loss(model, x0, t, eps).item(), rel=1e-6)
+
+
+def test_objectives_weights_and_noise_levels_are_the_papers():
+    d = Diffusion()
+    snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
+    uniform = d.timestep_probs(Objective())
+    assert torch.allclose(uniform, torch.full((d.T,), 1e-3, dtype=torch.float64))
+    # min-SNR-gamma: the x0 loss's weight min(SNR, gamma), i.e. min(SNR, gamma) / SNR on the eps loss, mean 1
+    w = d.loss_weights(Objective("min-snr", min_snr_gamma=5.0))
+    raw = snr.clamp(max=5.0) / snr
+    assert torch.allclose(w, raw / raw.mean()) and (uniform * w).sum().item() == pytest.approx(1.0)
+    assert torch.allclose(w[snr < 5.0], w[-1].expand(int((snr < 5.0).sum())))  # flat where SNR < gamma
+    # EDM: lambda(sigma) sigma^2 = (sigma^2 + sigma_data^2) / sigma_data^2 with sigma^2 = 1/SNR, and ln sigma drawn
+    # from N(-1.2, 1.2^2): the most likely level is the one nearest sigma = e^-1.2 per unit of ln sigma
+    edm = Objective("edm", "edm")
+    p = d.timestep_probs(edm)
+    assert p.sum().item() == pytest.approx(1.0) and (p > 0).all()
+    sigma = (1 / snr).sqrt()
+    log_sigma = sigma.log()
+    density = p[1:-1] / ((log_sigma[2:] - log_sigma[:-2]) / 2)
+    assert abs(log_sigma[1:-1][density.argmax()].item() - (-1.2)) < 0.05
+    mean = (p * log_sigma).sum().item()
+    assert mean == pytest.approx(-1.2, abs=0.05)  # the tails beyond the schedule's range are small
+    w = d.loss_weights(edm)
+    raw = (sigma ** 2 + 0.25) / 0.25
+    assert torch.allclose(w, raw / (p * raw).sum()) and (p * w).sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        Objective("snr")
+    with pytest.raises(ValueError, match="unknown timestep sampling"):
+        Objective(t_sampling="cosine")
 
 
 def _ddpm_step_f64(x, eps, z, t):

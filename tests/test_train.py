@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 import tarfile
@@ -13,9 +14,10 @@ from model.diffusion import Diffusion, ScheduleConfig
 from model.engine import SamplerEngine, generate
 from model.unet import PRESETS, UNet
 from model.weights import load_weights
-from train.data import DataError, frame_box, load_images
+from train.data import DataError, Source, frame_box, load_images, load_sources
 from train.train import load_checkpoint
 from train.train import main as train_main
+from train.train import parse_args
 
 from conftest import CELEBA_TAR, ROOT, needs_celeba
 
@@ -136,7 +138,7 @@ def test_two_process_ddp_stays_in_sync(tmp_path):
                         "-m", "train", "--data", str(data), "--preset", "tiny", "--out", str(out), "--steps", "12",
                         "--batch-size", "8", "--lr", "2e-3", "--warmup", "2", "--log-every", "4",
                         "--sample-every", "1000", "--no-progress",
-                        "--device", "cpu", "--threads", "1"],
+                        "--device", "cpu", "--threads", "1", "--precision", "fp32"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -145,10 +147,11 @@ def test_two_process_ddp_stays_in_sync(tmp_path):
     ddp = load_checkpoint(out / "ckpt.pt")
     assert ddp["step"] == 12
     # one process with the same global batch trains the same model: each rank took its own slice of the data
-    # and of the draws (a rank-ignoring data order would keep the ranks in sync, but train on half the images)
+    # and of the draws (a rank-ignoring data order would keep the ranks in sync, but train on half the images);
+    # in fp32, since bf16's rounding depends on how the batch is split (kernels chosen by shape)
     _train(["--data", str(data), "--preset", "tiny", "--out", str(tmp_path / "one"), "--steps", "12",
             "--batch-size", "8", "--lr", "2e-3", "--warmup", "2", "--log-every", "4", "--sample-every", "1000",
-            "--device", "cpu"])
+            "--device", "cpu", "--precision", "fp32"])
     one = load_checkpoint(tmp_path / "one" / "ckpt.pt")
     torch.manual_seed(0)
     init = UNet(PRESETS["tiny"]).state_dict()
@@ -176,6 +179,31 @@ def test_celeba_framing_and_range():
     s = load_images(CELEBA_TAR, 64, range_="8001-8010", progress=False)
     assert s.images.shape == (10, 3, 64, 64) and s.names[0] == "008001.jpg" and s.names[-1] == "008010.jpg"
     assert frame_box(89, 109, "auto") == (12.5, 28.5, 76.5, 92.5)  # the README's box: centre (44.5, 60.5)
+
+
+def test_several_sources_each_with_its_range(celeba_tar, celeba_more_tar):
+    both = load_sources([Source(str(celeba_tar), "8001-8003"), Source(str(celeba_more_tar), "10001-10002")], 32,
+                        progress=False)
+    assert both.names == [f"{celeba_tar.name}:00800{i}.jpg" for i in (1, 2, 3)] + \
+                         [f"{celeba_more_tar.name}:01000{i}.jpg" for i in (1, 2)]
+    first = load_images(celeba_tar, 32, range_="8001-8003", progress=False).images
+    second = load_images(celeba_more_tar, 32, range_="10001-10002", progress=False).images
+    assert torch.equal(both.images, torch.cat([first, second]))  # decoded as each alone, in the order given
+    with pytest.raises(DataError, match="5 readable images, at least 6 needed"):
+        load_sources([Source(str(celeba_tar), "8001-8003"), Source(str(celeba_more_tar), "10001-10002")], 32,
+                     min_images=6, progress=False)
+
+
+def test_each_range_belongs_to_the_data_before_it(capsys):
+    a = parse_args(["--data", "A.tar", "--range", "1-8000", "--data", "B.tar", "--out", "r"])
+    assert a.sources == [Source("A.tar", "1-8000"), Source("B.tar", None)]
+    assert parse_args(["--data", "A", "--out", "r"]).sources == [Source("A")]
+    for argv, message in ((["--range", "1-8", "--data", "A", "--out", "r"], "--range must follow the --data"),
+                          (["--data", "A", "--range", "1-8", "--range", "9-10", "--out", "r"], "two --range options"),
+                          (["--out", "r"], "--data")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
 def test_official_layout_with_partition_file(tmp_path):
@@ -260,3 +288,61 @@ def test_pick_preset_takes_the_largest_that_fits_the_budget_else_the_fastest():
     assert chosen == "cpu32" and "| cpu32 | 0.69M |" in table and "chosen" in table
     chosen, _ = pick(10**9)  # none fits: the faster one
     assert chosen == "tiny"
+
+
+def test_power_ema_is_edm2s_profile():
+    from train.train import SIGMA_REL_MAX, ema_decay_at, power_ema_gamma
+    assert power_ema_gamma(0.05) == pytest.approx(16.97, abs=0.01)  # EDM2 (Karras et al. 2024), section 3.1
+    assert power_ema_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+    assert power_ema_gamma(SIGMA_REL_MAX - 1e-12) == pytest.approx(0.0, abs=1e-3)
+    g = power_ema_gamma(0.1)
+    assert ema_decay_at(0, 0.9999, g) == 0.0  # the first step's average is the model itself
+    # the average it keeps weights step tau (1-based) by the integral of (g+1) x^g over [tau-1, tau], i.e. by
+    # tau^(g+1) - (tau-1)^(g+1): the profile tau^g of the paper, exact in discrete steps
+    thetas = torch.randn(200, dtype=torch.float64)
+    ema = torch.zeros((), dtype=torch.float64)
+    for step, theta in enumerate(thetas):
+        d = ema_decay_at(step, 0.9999, g)
+        ema = d * ema + (1 - d) * theta
+    tau = torch.arange(1, 201, dtype=torch.float64)
+    w = tau ** (g + 1) - (tau - 1) ** (g + 1)
+    assert ema.item() == pytest.approx((w * thetas).sum().item() / w.sum().item(), rel=1e-9)
+    assert ema_decay_at(5, 0.9999) == pytest.approx(6 / 15)  # the constant decay's warm-up, as before
+
+
+def test_bf16_is_chosen_where_the_cpu_multiplies_it(tmp_path):
+    from train.train import cpu_has_bf16, resolve_precision
+    with_bf16, without = tmp_path / "a", tmp_path / "b"
+    with_bf16.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    without.write_text("flags\t\t: fpu avx2\n")
+    assert cpu_has_bf16(with_bf16) and not cpu_has_bf16(without) and not cpu_has_bf16(tmp_path / "none")
+    assert resolve_precision("fp32", torch.device("cuda", 0)) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if cpu_has_bf16() else "fp32")
+
+
+@pytest.mark.parametrize("flags", [["--loss-weight", "min-snr"], ["--loss-weight", "edm", "--t-sampling", "edm"],
+                                   ["--ema-std", "0.1", "--precision", "bf16"]])
+def test_each_recipe_option_trains_and_is_recorded(tmp_path, flags):
+    data = make_faces(tmp_path / "faces", n=16)
+    out = tmp_path / "run"
+    _train(["--data", str(data), "--preset", "tiny", "--out", str(out), "--steps", "30", "--batch-size", "8",
+            "--lr", "2e-3", "--warmup", "2", "--log-every", "10", "--sample-every", "1000", *flags])
+    state = load_checkpoint(out / "ckpt.pt")
+    meta = json.loads(state["meta"])
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in logs) and logs[-1]["loss"] < logs[0]["loss"]
+    if "--loss-weight" in flags:
+        assert meta["objective"]["weighting"] == flags[1]
+    if "--t-sampling" in flags:
+        assert meta["objective"]["t_sampling"] == "edm"
+    if "--ema-std" in flags:
+        assert meta["ema_std"] == 0.1 and meta["precision"] == "bf16"
+    assert meta["data"] == [{"path": str(data), "range": None}]
+
+
+def test_bad_recipe_options_are_refused(capsys):
+    for argv, message in ((["--ema-std", "0.5"], "--ema-std must be in"), (["--loss-weight", "snr"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            parse_args(["--data", "A", "--out", "r", *argv])
+        assert message in capsys.readouterr().err

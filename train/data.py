@@ -10,6 +10,7 @@ decode in seconds, after which a batch is an index into memory (bench/results/da
 
 from __future__ import annotations
 
+import argparse
 import io
 import re
 import tarfile
@@ -117,6 +118,62 @@ def load_images(path: str | Path, size: int, *, range_: str | None = None, frami
                         + (f" ({len(skipped)} unreadable, e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return ImageSet(images, names, str(path), skipped)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place to read training images from, with the numbers to keep (None: all)."""
+    path: str
+    range_: str | None = None
+
+    def __str__(self) -> str:
+        return self.path + (f" [{self.range_}]" if self.range_ else "")
+
+
+class SourceAction(argparse.Action):
+    """argparse: `--data PATH` starts a Source (repeatable); `--range FIRST-LAST` sets the range of the --data
+    just before it, so `--data A.tar --range 1-8000 --data B.tar` reads A's images 1-8000 and all of B's."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        sources = list(getattr(namespace, self.dest, None) or [])
+        if option_string == "--range":
+            if not sources:
+                parser.error("--range must follow the --data it applies to")
+            if sources[-1].range_ is not None:
+                parser.error(f"--data {sources[-1].path}: two --range options; give each --data at most one")
+            sources[-1] = Source(sources[-1].path, value)
+        else:
+            sources.append(Source(value))
+        setattr(namespace, self.dest, sources)
+
+
+def add_source_arguments(p: argparse.ArgumentParser, required: bool = True, help_data: str = "") -> None:
+    """--data (repeatable) and --range (per --data) into `sources`, a list of Source."""
+    p.add_argument("--data", dest="sources", action=SourceAction, required=required, metavar="PATH",
+                   help=help_data or "image folder, CelebA's img_align_celeba/, or a tar of images; repeat it "
+                                     "to train on several")
+    p.add_argument("--range", dest="sources", action=SourceAction, metavar="FIRST-LAST",
+                   help="keep the images of the --data before it numbered FIRST-LAST, e.g. 1-8000")
+
+
+def load_sources(sources: list[Source], size: int, *, framing: str = "auto", min_images: int = 1,
+                 progress: bool = True) -> ImageSet:
+    """Every source decoded (load_images) and joined into one set, in the order given; names are `source:name`
+    when there are several, so a duplicate across sources is still told apart."""
+    sets = [load_images(s.path, size, range_=s.range_, framing=framing, progress=progress) for s in sources]
+    if len(sets) == 1:
+        one = sets[0]
+    else:
+        sizes = {tuple(s.images.shape[1:]) for s in sets}
+        if len(sizes) > 1:  # cannot happen for one size and framing; a guard against a silent mismatch
+            raise DataError(f"sources decode to different shapes: {sorted(sizes)}")
+        one = ImageSet(torch.cat([s.images for s in sets]),
+                       [f"{Path(s.source).name}:{n}" for s in sets for n in s.names],
+                       " + ".join(str(src) for src in sources),
+                       [(f"{Path(s.source).name}:{n}", why) for s in sets for n, why in s.skipped])
+    if len(one.names) < min_images:
+        raise DataError(f"{one.source}: {len(one.names)} readable images, at least {min_images} needed")
+    return one
 
 
 def mirror(batch: torch.Tensor, which: torch.Tensor) -> torch.Tensor:

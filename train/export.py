@@ -40,13 +40,22 @@ def main(argv=None) -> int:
     unet.load_state_dict(state["ema"])
     # a distilled network names the weights it learned from by content (the path was the distiller's machine's)
     teacher = {"teacher_sha256": state["teacher_sha256"]} if "teacher_sha256" in state else {}
-    dataset = a.dataset or f"CelebA img_align_celeba ({meta.get('data')}, images {meta.get('range') or 'all'})"
+    dataset = a.dataset or describe_data(meta)
     save_weights(a.out, unet, schedule,
                  name=a.name or Path(a.out).stem, dataset=dataset,
                  training_steps=int(state["step"]) + int(meta.get("init", {}).get("training_steps", 0)),
                  training={**meta, **teacher, "ema": True}, dtype=torch.float16 if a.dtype == "fp16" else torch.float32)
     print(f"wrote {a.out}: EMA weights at step {int(state['step'])} ({a.dtype})")
     return 0
+
+
+def describe_data(meta: dict) -> str:
+    """The run's training data in words: each source with its image numbers (train.train records a list of
+    {path, range}; train.distill and older runs one path and one range)."""
+    data = meta.get("data")
+    sources = data if isinstance(data, list) else [{"path": data, "range": meta.get("range")}]
+    listed = "; ".join(f"{s['path']}, images {s.get('range') or 'all'}" for s in sources)
+    return f"CelebA img_align_celeba ({listed})"
 
 
 if __name__ == "__main__":

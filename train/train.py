@@ -3,7 +3,9 @@
 One process (CPU or one GPU) or many under torchrun (DistributedDataParallel; rank 0 logs and checkpoints).
 Every random draw of step s (batch order, flips, t, eps) is made for the whole global batch from generators seeded
 by (seed, s), each rank taking its slice, so the number of processes does not change what is trained (up to float
-summation order; dropout masks are drawn per rank, from (seed, s, rank)). `--resume` continues exactly on CPU:
+summation order, in fp32; bf16's rounding also depends on the batch split; dropout masks are drawn per rank, from
+(seed, s, rank)). On a 2-core CPU, two single-threaded processes train faster than one with two threads
+(bench/results/train-step-cpu.md): `torchrun --nproc_per_node 2 -m train ... --device cpu`. `--resume` continues exactly on CPU:
 20 steps + resume + 20 steps gives the weights of 40 straight. On CUDA that holds within a tolerance (cuDNN
 picks kernels by shape, some backward kernels use atomics) unless `--deterministic` is given.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -28,21 +31,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model.diffusion import PREDICTIONS, SAMPLERS, Diffusion, ScheduleConfig
+from model.diffusion import (LOSS_WEIGHTINGS, PREDICTIONS, SAMPLERS, TIMESTEP_SAMPLINGS, Diffusion, Objective,
+                             ScheduleConfig)
 from model.device import pick_device, pick_memory_format
 from model.engine import SamplerEngine, generate
 from model.images import grid, png_bytes
 from model.unet import PRESETS, UNet, UNetConfig
 from model.weights import WeightsError, load_weights
 
-from .data import DataError, load_images, mirror, to_model_range
+from .data import DataError, add_source_arguments, load_sources, mirror, to_model_range
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="image folder, CelebA's img_align_celeba/, or a tar of images")
-    p.add_argument("--range", dest="range_", default=None, help="keep images numbered FIRST-LAST, e.g. 1-8000")
+    add_source_arguments(p)
     p.add_argument("--framing", default="auto", choices=["auto", "celeba", "center"],
                    help="the square crop of each photo (train/data.py; auto: celeba for CelebA's aspect ratio)")
     p.add_argument("--preset", default="cpu32", choices=sorted(PRESETS), help="U-Net size (model/unet.py PRESETS)")
@@ -51,6 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prediction", default="v", choices=list(PREDICTIONS),
                    help="network output: v (default; learns high-noise steps reliably) or eps (Ho et al.); "
                         "both are sampled as eps predictors, see model/diffusion.py")
+    p.add_argument("--loss-weight", default="eps", choices=LOSS_WEIGHTINGS,
+                   help="per-timestep weight of the eps loss: eps (Ho et al.), min-snr, edm (model/diffusion.py "
+                        "Objective)")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-snr's gamma")
+    p.add_argument("--t-sampling", default="uniform", choices=TIMESTEP_SAMPLINGS,
+                   help="how t is drawn: uniform over 0..T-1, or edm (log-normal noise levels)")
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="start from these .safetensors weights (architecture included) instead of random ones")
     p.add_argument("--out", required=True, help="run folder")
@@ -64,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
     p.add_argument("--ema-decay", type=float, default=0.9999,
                    help="decay of the weights' moving average (what samples and exports use)")
+    p.add_argument("--ema-std", type=float, default=None, metavar="SIGMA_REL",
+                   help="instead of --ema-decay: EDM2's power-function EMA of this relative width (e.g. 0.05-0.15), "
+                        "an average over the last SIGMA_REL-ish share of training at any length")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and every draw of every step")
     p.add_argument("--log-every", type=int, default=50, help="steps between lines of metrics.jsonl")
     p.add_argument("--sample-every", type=int, default=2000, help="steps between sample grids in samples/")
@@ -75,16 +87,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
-                   help="auto: channels_last on CPU, contiguous on CUDA (see model/device.py)")
+                   help="auto: channels_last for fp32 on the CPU, else contiguous (model/device.py)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms: bitwise-repeatable runs on CUDA, slower")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the step's autocast (weights, optimizer and EMA stay fp32); auto: bf16 on CUDA and on a CPU "
+                        "with AVX512_BF16 or AMX, else fp32 (bench/results/train-step-cpu.md)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs)")
     a = p.parse_args(argv)
     for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.ema_std is not None and not 0 < a.ema_std < SIGMA_REL_MAX:
+        p.error(f"--ema-std must be in (0, {SIGMA_REL_MAX:.3f})")
+    try:
+        a.objective = Objective(a.loss_weight, a.t_sampling, min_snr_gamma=a.min_snr_gamma)
+    except ValueError as e:
+        p.error(str(e))
     return a
 
 
@@ -145,31 +166,71 @@ def lr_at(step: int, a) -> float:
     return a.lr
 
 
+SIGMA_REL_MAX = math.sqrt(1 / 12)  # the power-function EMA's widest profile (gamma = 0, a plain running mean)
+
+
+def power_ema_gamma(sigma_rel: float) -> float:
+    """EDM2's exponent gamma for a relative width sigma_rel (Karras et al. 2024, eq. 3): the average of theta_tau
+    weighted by tau^gamma over 0 <= tau <= t has relative std sqrt((g+1) / ((g+2)^2 (g+3)))."""
+    def width(g: float) -> float:
+        return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+    lo, hi = 0.0, 1e7
+    for _ in range(200):  # width decreases in gamma: bisect
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if width(mid) > sigma_rel else (lo, mid)
+    return (lo + hi) / 2
+
+
+def ema_decay_at(step: int, decay: float, gamma: float | None = None) -> float:
+    """The EMA's decay after optimizer step `step` (0-based): (1 - 1/(step+1))^(gamma+1) for the power function,
+    else `decay` with a warm-up that averages quickly at first."""
+    if gamma is not None:
+        return (1 - 1 / (step + 1)) ** (gamma + 1)
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
-    d = min(decay, (1 + step) / (10 + step))  # warm-up: average quickly at first
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float,
+               gamma: float | None = None) -> None:
+    d = ema_decay_at(step, decay, gamma)
     torch._foreach_lerp_(list(ema.parameters()), [p.detach().float() for p in model.parameters()], 1 - d)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; off on CPU (fp32: no fast bf16 there)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX), where autocast pays (train-step-cpu.md)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return any(flag in text.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def optimizer_step(fwd, model, ema, opt, diffusion, x0, t, eps, amp, grad_clip: float, step: int, ema_decay: float):
-    """One training step: the eps loss under `amp`, backward, clipping, the optimizer and the EMA. `fwd` is what
-    the loss calls (the model, or its DDP/compiled wrapper); returns (loss, gradient norm), both on the device."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision's auto: bf16 on CUDA and on a CPU with native bf16, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The training step's autocast: bf16 or fp32 (weights, optimizer and EMA stay fp32 either way)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
+
+
+def optimizer_step(fwd, model, ema, opt, diffusion, x0, t, eps, amp, grad_clip: float, step: int, ema_decay: float,
+                   weights: torch.Tensor | None = None, ema_gamma: float | None = None):
+    """One training step: the eps loss under `amp` (each row weighted by `weights[t]` when given), backward,
+    clipping, the optimizer and the EMA. `fwd` is what the loss calls (the model, or its DDP/compiled wrapper);
+    returns (loss, gradient norm), both on the device."""
     with amp:
-        loss = diffusion.training_loss(fwd, x0, t, eps)
+        loss = diffusion.training_loss(fwd, x0, t, eps, weights=weights)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
-    ema_update(ema, model, step, ema_decay)
+    ema_update(ema, model, step, ema_decay, ema_gamma)
     return loss, gnorm
 
 
@@ -190,7 +251,10 @@ def main(argv=None) -> int:
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     try:
         device = resolve_device(a.device)
-        memory_format = pick_memory_format(a.memory_format, device)
+        precision = resolve_precision(a.precision, device)
+        # bf16 on the CPU runs faster contiguous, fp32 channels_last (bench/results/train-step-cpu.md)
+        memory_format = (torch.contiguous_format if a.memory_format == "auto" and precision == "bf16"
+                         else pick_memory_format(a.memory_format, device))
     except ValueError as e:
         raise SystemExit(f"error: --device: {e}")
     if device.type == "cuda":
@@ -236,8 +300,8 @@ def main(argv=None) -> int:
 
     # ---- data: decoded once into memory (train/data.py) ----------------------------------------------------------
     try:
-        data = load_images(a.data, cfg.image_size, range_=a.range_, framing=a.framing,
-                           min_images=max(a.batch_size, 2), progress=is_main and not a.no_progress)
+        data = load_sources(a.sources, cfg.image_size, framing=a.framing, min_images=max(a.batch_size, 2),
+                            progress=is_main and not a.no_progress)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     if is_main:
@@ -265,7 +329,12 @@ def main(argv=None) -> int:
             torch.cuda.set_rng_state(resumed["rng_cuda"])
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     fwd = torch.compile(net) if a.compile else net
-    amp = autocast(device)
+    amp = autocast(device, precision)
+    objective = a.objective
+    # Ho et al.'s objective is the plain MSE (weights None), the very computation of earlier runs
+    weights = None if objective.weighting == "eps" else diffusion.loss_weights(objective).to(device)
+    t_probs = None if objective.t_sampling == "uniform" else diffusion.timestep_probs(objective).to(device)
+    ema_gamma = power_ema_gamma(a.ema_std) if a.ema_std is not None else None
     images = data.images.to(device) if device.type == "cuda" else data.images
     order = ShardedOrder(len(data.names), a.seed, a.batch_size, rank, world, images.device)
     per_rank = a.batch_size // world
@@ -273,8 +342,10 @@ def main(argv=None) -> int:
 
     # ---- run record: the commands behind these weights, metrics.jsonl, TensorBoard, checkpoints, samples ---------
     command = "python -m train " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    meta = {"command": command, "data": str(a.data), "range": a.range_, "images": len(data.names),
+    meta = {"command": command, "data": [{"path": s.path, "range": s.range_} for s in a.sources],
+            "images": len(data.names),
             "preset": a.preset, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
+            "ema_std": a.ema_std, "objective": dataclasses.asdict(objective), "precision": precision,
             "world_size": world, "device": str(device)}
     previous = json.loads(resumed["meta"]) if resumed is not None else {}
     if init is not None:  # the weights we start from, and the commands that made them
@@ -323,11 +394,15 @@ def main(argv=None) -> int:
         global_shape = (a.batch_size, *x0.shape[1:])
         flip = (torch.rand(a.batch_size, device=device, generator=g) < 0.5)[mine]
         x0 = mirror(x0, flip).contiguous(memory_format=memory_format)
-        t = torch.randint(0, diffusion.T, (a.batch_size,), device=device, generator=g)[mine]
+        if t_probs is None:
+            t = torch.randint(0, diffusion.T, (a.batch_size,), device=device, generator=g)[mine]
+        else:
+            t = torch.multinomial(t_probs, a.batch_size, replacement=True, generator=g)[mine]
         eps = torch.randn(global_shape, device=device, generator=g)[mine]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, a)
-        loss, gnorm = optimizer_step(fwd, model, ema, opt, diffusion, x0, t, eps, amp, a.grad_clip, step, a.ema_decay)
+        loss, gnorm = optimizer_step(fwd, model, ema, opt, diffusion, x0, t, eps, amp, a.grad_clip, step, a.ema_decay,
+                                     weights, ema_gamma)
         step += 1
         loss_acc += loss.detach()
         loss_n += 1
