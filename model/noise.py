@@ -70,31 +70,42 @@ def philox4x32_numpy(counter: list[np.ndarray], key: list[np.ndarray], rounds: i
     return [c0, c1, c2, c3]
 
 
-def _uniform_bits(seeds: torch.Tensor, noise_index: torch.Tensor, blocks: int) -> list[torch.Tensor]:
-    """Philox words >> 8 (24-bit integers) of counters (block, noise_index, 0, 0) under key seed: 4 x (B, blocks)."""
-    if seeds.device.type == "cpu":
-        s, i = seeds.numpy().astype(np.uint64), noise_index.numpy().astype(np.uint64)
-        words = philox4x32_numpy([np.arange(blocks, dtype=np.uint64)[None], i & _MASK32, 0, 0],
-                                 [s & _MASK32, (s >> np.uint64(32)) & _MASK32])
-        return [torch.from_numpy((np.broadcast_to(w, (s.shape[0], blocks)) >> np.uint64(8)).astype(np.int32))
-                for w in words]
+def _uniform_bits_numpy(seeds: torch.Tensor, noise_index: torch.Tensor, blocks: int) -> list[torch.Tensor]:
+    """Philox words >> 8 (24-bit integers) of counters (block, noise_index, 0, 0) under key seed: 4 x (B, blocks),
+    from CPU tensors (B, 1), by NumPy's uint64 rounds (the CPU's path)."""
+    s, i = seeds.numpy().astype(np.uint64), noise_index.numpy().astype(np.uint64)
+    words = philox4x32_numpy([np.arange(blocks, dtype=np.uint64)[None], i & _MASK32, 0, 0],
+                             [s & _MASK32, (s >> np.uint64(32)) & _MASK32])
+    return [torch.from_numpy((np.broadcast_to(w, (s.shape[0], blocks)) >> np.uint64(8)).astype(np.int32))
+            for w in words]
+
+
+def _uniform_bits_torch(seeds: torch.Tensor, noise_index: torch.Tensor, blocks: int) -> list[torch.Tensor]:
+    """The same words by torch's int64 ops on seeds' device (a GPU's path; it runs on CPU tensors too)."""
     key = [seeds & _MASK32, (seeds >> 32) & _MASK32]
     c0 = torch.arange(blocks, device=seeds.device, dtype=torch.int64).view(1, -1)
     zero = torch.zeros_like(noise_index)
     return [w >> 8 for w in philox4x32([c0, noise_index & _MASK32, zero, zero], key)]
 
 
-def gaussian(seeds: torch.Tensor, noise_index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def gaussian(seeds: torch.Tensor, noise_index: torch.Tensor, shape: tuple[int, ...],
+             philox_ops: str | None = None) -> torch.Tensor:
     """Standard normal noise of shape (B, *shape), float32, on seeds' device.
 
     seeds: (B,) int64 in [0, 2^63); noise_index: (B,) int64 in [0, 2^32). Row i depends only on
-    (seeds[i], noise_index[i]), never on the other rows.
+    (seeds[i], noise_index[i]), never on the other rows. philox_ops: who runs Philox's integer rounds, "numpy"
+    (CPU tensors only) or "torch"; None picks NumPy on the CPU and torch elsewhere. Both give the same bits: the
+    choice exists so that tests run a GPU's path on the CPU.
     """
+    ops = philox_ops or ("numpy" if seeds.device.type == "cpu" else "torch")
+    if ops not in ("numpy", "torch"):
+        raise ValueError(f"philox_ops must be numpy or torch, got {philox_ops!r}")
+    uniform_bits = _uniform_bits_numpy if ops == "numpy" else _uniform_bits_torch
     n = math.prod(shape)
     blocks = -(-n // 4)
     seeds, noise_index = seeds.view(-1, 1), noise_index.view(-1, 1)
     # 24-bit uniforms in (0, 1): exact in float32, never 0, so log() is finite.
-    u = [(bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24)) for bits in _uniform_bits(seeds, noise_index, blocks)]
+    u = [(bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24)) for bits in uniform_bits(seeds, noise_index, blocks)]
     r01, r23 = torch.sqrt(-2.0 * torch.log(u[0])), torch.sqrt(-2.0 * torch.log(u[2]))
     th01, th23 = (2 * math.pi) * u[1], (2 * math.pi) * u[3]
     z = torch.stack([r01 * torch.cos(th01), r01 * torch.sin(th01), r23 * torch.cos(th23), r23 * torch.sin(th23)], -1)

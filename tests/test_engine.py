@@ -159,3 +159,17 @@ def test_clear_empties_the_batch_without_device_work():
     assert len(engine) == 0 and engine.x.shape[0] == 0 and engine.groups() == set()
     engine.add("h", [SampleSpec(3, "ddim", 2)])
     assert engine.step().finished == [] and [g for g, _, _ in engine.step().finished] == ["h"]
+
+
+def test_the_engine_on_a_gpus_noise_path_makes_the_cpus_images(monkeypatch):
+    """What the engine does differently off the CPU in pure torch, run on the CPU: Philox's rounds in torch ops
+    (model/noise.py) and CUDA's noise chunk (4M values a call, not 256k); the 1000-step ddpm chain gives the same
+    PNG bytes. (Pinned host copies, CUDA graphs and event timing need a real GPU: tests/test_cuda.py.)"""
+    from model.engine import generate
+    torch.manual_seed(0)
+    unet, d = UNet(PRESETS["tiny"]), Diffusion()
+    seeds = [0, 7, 2**32 + 5, 2**63 - 1]
+    reference = generate(SamplerEngine(unet, d), seeds, "ddpm", 1000, 4)
+    monkeypatch.setattr(engine_module, "gaussian", lambda *a: gaussian(*a, philox_ops="torch"))
+    gpu_like = generate(SamplerEngine(unet, d, noise_chunk_elems=1 << 22), seeds, "ddpm", 1000, 4)
+    assert np.array_equal(reference, gpu_like)

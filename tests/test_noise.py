@@ -77,3 +77,26 @@ def test_image_seeds_is_the_one_rule_for_a_requests_images():
     for seed, n in ((-1, 1), (SEED_LIMIT - 1, 2), (0, 0)):
         with pytest.raises(ValueError):
             image_seeds(seed, n)
+
+
+SEEDS = [0, 5, 2**32 - 1, 2**32 + 5, 2**62 + 5, 2**63 - 1]  # both key words: low only, high only, both, the top
+INDICES = [0, 1, 2**31, 2**32 - 1]  # x_T, the first z, RePaint's first known-pixel noise, the last index
+
+
+def test_the_gpus_philox_path_gives_the_cpus_bits_on_a_cpu():
+    """gaussian() runs Philox's rounds in NumPy on CPU tensors and in torch's int64 ops on any other device (every
+    image a GPU host makes). Run that torch path on the CPU: the same bits, every seed x index pair, for a shape
+    whose element count (3 x 5 x 7 = 105) is not a multiple of the four words a counter gives."""
+    seeds = torch.tensor([s for s in SEEDS for _ in INDICES])
+    index = torch.tensor(INDICES * len(SEEDS))
+    for shape in ((3, 5, 7), (3, 8, 8), (1,)):
+        on_cpu = gaussian(seeds, index, shape)
+        gpu_path = gaussian(seeds, index, shape, philox_ops="torch")
+        assert on_cpu.shape == gpu_path.shape == (len(seeds), *shape)
+        assert torch.equal(on_cpu.view(torch.int32), gpu_path.view(torch.int32)), shape  # bit for bit
+    assert gaussian(seeds, index, (3, 5, 7), philox_ops="numpy").equal(gaussian(seeds, index, (3, 5, 7)))
+    # and the pairs differ from each other: no key word or counter word is dropped on either path
+    rows = gaussian(seeds, index, (3, 5, 7), philox_ops="torch").reshape(len(seeds), -1)
+    assert len({tuple(r.tolist()) for r in rows}) == len(seeds)
+    with pytest.raises(ValueError, match="philox_ops"):
+        gaussian(seeds, index, (3,), philox_ops="cuda")
