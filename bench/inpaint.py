@@ -29,7 +29,7 @@ from model.edit import to_model  # noqa: E402
 from model.engine import Edit, SampleSpec, SamplerEngine, run  # noqa: E402
 from model.weights import load_weights  # noqa: E402
 from train.evaluate import DEFAULT_CACHE, real_features  # noqa: E402
-from train.fid import fid_from_features, inception_features, kid_from_features, load_inception  # noqa: E402
+from train.metrics import fid_from_features, inception_features, kid_from_features, load_inception  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "celeba" / "img_align_celeba_89x109_000001-009000.tar"
 

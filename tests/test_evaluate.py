@@ -8,7 +8,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from train.data import load_images
-from train.fid import face_share, fid_from_features, inception_features, kid_from_features, load_inception
+from train.metrics import (copy_share, face_share, fid_from_features, inception_features, kid_from_features,
+                           load_inception, precision_recall)
 
 from conftest import CELEBA_TAR, ROOT, needs_celeba
 from test_train import make_faces
@@ -30,6 +31,27 @@ def test_fid_and_kid_maths_on_known_gaussians():
     same, _ = kid_from_features(a[:2000], a[2000:], subsets=20, subset_size=500)
     diff, _ = kid_from_features(a, b, subsets=20, subset_size=500)
     assert abs(same) < 0.01 and diff > 0.5
+
+
+def test_precision_and_recall_tell_fidelity_from_coverage():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(800, 16))
+    p, r = precision_recall(real[:400], real[400:])  # the same distribution: both alike (0.77 in 16 dimensions)
+    assert p > 0.6 and r > 0.6 and abs(p - r) < 0.1
+    collapsed = real[400:] * 0.3  # realistic but covering only the centre: precision high, recall low
+    p, r = precision_recall(real[:400], collapsed)
+    assert p > 0.95 and r < 0.1
+    off = real[400:] + 4.0  # elsewhere entirely: neither
+    assert precision_recall(real[:400], off) == pytest.approx((0.0, 0.0), abs=0.01)
+
+
+def test_copy_share_counts_near_duplicates_of_one_training_image():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    fresh = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    copies = np.clip(train[:5].astype(int) + rng.integers(-3, 4, (5, 8, 8, 3)), 0, 255).astype(np.uint8)
+    assert copy_share(fresh, train) == 0.0
+    assert copy_share(np.concatenate([copies, fresh[:5]]), train) == 0.5
 
 
 def _images():
@@ -103,12 +125,21 @@ def test_evaluate_cli(tmp_path, tiny_weights):
     result = json.loads(out.read_text())
     assert json.loads(r.stdout.strip().splitlines()[-1]) == result
     assert result["n"] == 16 and result["fid"] > 0 and 0 <= result["face_share_generated"] <= 1
+    assert result["kid_std"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
     assert result["real"]["features_cached"] is False and len(list((tmp_path / "cache").iterdir())) == 1
     assert Image.open(tmp_path / "grid.png").size == (2 + 4 * 10, 2 + 4 * 10)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # the real features: cached
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads(out.read_text())
     assert again["real"]["features_cached"] is True and again["fid"] == pytest.approx(result["fid"], rel=1e-5)
+    train = make_faces(tmp_path / "train", n=24, seed=1)
+    r = subprocess.run(cmd + ["--train-data", str(train), "--train-range", "1-20"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)  # the copy check and the real-vs-real floor
+    assert r.returncode == 0, r.stderr[-2000:]
+    full = json.loads(out.read_text())
+    assert full["train"] == [{"data": str(train), "range": "1-20"}]
+    assert set(full["real_vs_real"]) == {"fid", "kid", "kid_std", "precision", "recall"}
+    assert 0 <= full["copy_share_generated"] <= 1 and 0 <= full["copy_share_real"] <= 1
     r = subprocess.run(cmd + ["--weights", str(tmp_path / "nope.safetensors")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nope.safetensors: no such file" in r.stderr

