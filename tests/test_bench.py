@@ -178,3 +178,16 @@ def test_mp_student_times_an_mp_unet_beside_its_teacher(tiny_weights, tmp_path):
     assert f"- command: `python bench/mp_student.py {shlex.join(argv)}`" in text
     rows = [line for line in text.splitlines() if line.startswith(("| teacher, tiny", "| mp-unet, mp"))]
     assert len(rows) == 2 and all(row.count("|") == 7 and "nan" not in row for row in rows), text
+
+
+def test_train_step_benchmark_times_each_variant_on_the_tiny_model(tmp_path):
+    """bench/train_step.py writes one row per preset x batch x variant, with its FLOP count and share of peak."""
+    out = tmp_path / "train-step.md"
+    argv = ["--presets", "tiny", "--batch", "4", "--steps", "1", "--warmup", "1", "--variants", "fp32", "bf16",
+            "--out", str(out)]
+    r = run_bench("train_step.py", argv, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert f"- command: `python bench/train_step.py {shlex.join(argv)}`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
+    assert [row.split(" | ")[4] for row in rows] == ["fp32", "bf16"] and not any("nan" in row for row in rows)
