@@ -117,8 +117,10 @@ def main(argv=None) -> int:
     header = ["# Training recipes at a fixed budget", "", stamp(),
               f"- command: `python bench/recipe.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
               f"- preset {a.preset}, global batch {a.batch_size}, seed 0, two single-threaded processes; KID (x1000, "
-              f"mean ± std over subsets) of {a.n} images from dpm-solver++ 50 steps against validation 008001-009000", "",
-              "| recipe | what | images seen | KID x1000 | FID | face share | train s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+              f"mean ± std over subsets) of {a.n} images from dpm-solver++ 50 steps against validation "
+              "008001-009000", "",
+              "| recipe | what | images seen | KID x1000 | FID | face share | train s |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     rows = []
     for name in a.recipes:
         what, flags = RECIPES[name]

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
                 times = time_variant(cfg, diffusion, variant, batch, a.steps, a.warmup)
                 med, best = statistics.median(times), min(times)
                 rate = batch / med
-                lines.append(f"| {name}{' ' + ' '.join(a.set) if a.set else ''} | {params / 1e6:.2f}M | {f / 1e9:.3f} | {batch} | {variant} | {rate:.0f} | "
+                label = name + (" " + " ".join(a.set) if a.set else "")
+                lines.append(f"| {label} | {params / 1e6:.2f}M | {f / 1e9:.3f} | {batch} | {variant} | {rate:.0f} | "
                              f"{batch / best:.0f} | {rate * f / 1e9:.0f} | {rate * f / peak:.0%} |")
                 print(lines[-1], flush=True)
     if a.loops:

@@ -109,7 +109,8 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"unknown loss weighting {self.weighting!r} (expected one of {', '.join(LOSS_WEIGHTINGS)})")
+            raise ValueError(f"unknown loss weighting {self.weighting!r} "
+                             f"(expected one of {', '.join(LOSS_WEIGHTINGS)})")
         if self.t_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep sampling {self.t_sampling!r} "
                              f"(expected one of {', '.join(TIMESTEP_SAMPLINGS)})")

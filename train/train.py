@@ -5,9 +5,10 @@ Every random draw of step s (batch order, flips, t, eps) is made for the whole g
 by (seed, s), each rank taking its slice, so the number of processes does not change what is trained (up to float
 summation order, in fp32; bf16's rounding also depends on the batch split; dropout masks are drawn per rank, from
 (seed, s, rank)). On a 2-core CPU, two single-threaded processes train faster than one with two threads
-(bench/results/train-step-cpu.md): `torchrun --nproc_per_node 2 -m train ... --device cpu`. `--resume` continues exactly on CPU:
-20 steps + resume + 20 steps gives the weights of 40 straight. On CUDA that holds within a tolerance (cuDNN
-picks kernels by shape, some backward kernels use atomics) unless `--deterministic` is given.
+(bench/results/train-step-cpu.md): `torchrun --nproc_per_node 2 -m train ... --device cpu`.
+`--resume` continues exactly on CPU: 20 steps + resume + 20 steps gives the weights of 40 straight. On CUDA that
+holds within a tolerance (cuDNN picks kernels by shape, some backward kernels use atomics) unless
+`--deterministic` is given.
 
 RUN_DIR gets: ckpt.pt (weights, EMA, optimizer, step, RNG states; written atomically, loaded with
 weights_only=True), metrics.jsonl, samples/step_NNNNNN.png (EMA weights), and TensorBoard logs when installed.
