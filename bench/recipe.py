@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.report import emit, stamp  # noqa: E402
+from bench.report import command, emit, stamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "celeba"
@@ -43,34 +43,37 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
+    """Run `cmd` in the checkout, its output added to `log`; exit with the log's name if it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode:
-        raise SystemExit(f"error: {' '.join(cmd[:6])} ... exited {r.returncode}; see {log}")
-
-
-def train(name: str, flags: list[str], a, steps: int) -> Path:
-    out = Path(a.run_root) / name
-    ckpt = out / "ckpt.pt"
-    if ckpt.is_file():
-        import torch
-        if int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"]) >= steps:
-            return out
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
-           *flags, "--preset", a.preset, "--batch-size", str(a.batch_size), "--steps", str(steps), "--seed", "0",
-           "--out", str(out), "--device", "cpu", "--threads", "1", "--log-every", "50", "--ckpt-every", "200",
-           "--sample-every", str(10**9), "--no-progress"] + (["--resume"] if ckpt.is_file() else [])
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "train.log").open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
         r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if r.returncode:
-        raise SystemExit(f"error: training {name} exited {r.returncode}; see {out / 'train.log'}")
+        raise SystemExit(f"error: {' '.join(cmd[:6])} ... exited {r.returncode}; see {log}")
+
+
+def checkpoint_step(out: Path) -> int | None:
+    """The step of the run's checkpoint, None without one."""
+    ckpt = out / "ckpt.pt"
+    if not ckpt.is_file():
+        return None
+    import torch
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+
+
+def train(name: str, flags: list[str], a, steps: int) -> Path:
+    out = Path(a.run_root) / name
+    at = checkpoint_step(out)
+    if at is not None and at >= steps:
+        return out
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
+           *flags, "--preset", a.preset, "--batch-size", str(a.batch_size), "--steps", str(steps), "--seed", "0",
+           "--out", str(out), "--device", "cpu", "--threads", "1", "--log-every", "50", "--ckpt-every", "200",
+           "--sample-every", str(10**9), "--no-progress"] + (["--resume"] if at is not None else [])
+    run(cmd, out / "train.log", env)
     return out
 
 
@@ -80,8 +83,7 @@ def evaluate(name: str, out: Path, steps: int, a) -> dict:
         return json.loads(result.read_text())
     weights = out / f"step-{steps}.safetensors"
     if not weights.is_file():
-        import torch
-        at = int(torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["step"])
+        at = checkpoint_step(out)
         if at != steps:
             raise SystemExit(f"error: {out}: the checkpoint is at step {at}, not {steps}; it cannot be judged there")
         run([sys.executable, "-m", "train.export", str(out), "--out", str(weights), "--name", f"recipe-{name}"],
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     header = ["# Training recipes at a fixed budget", "", stamp(),
-              f"- command: `python bench/recipe.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+              f"- command: `{command(__file__, argv)}`",
               f"- preset {a.preset}, global batch {a.batch_size}, seed 0, two single-threaded processes; KID (x1000, "
               f"mean ± std over subsets) of {a.n} images from dpm-solver++ 50 steps against validation "
               "008001-009000", "",

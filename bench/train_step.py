@@ -19,8 +19,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +50,9 @@ LOOPS = {  # name: (launcher, train flags)
 VARIANTS = ("fp32", "fp32-cl", "bf16", "bf16-cl", "compile-fp32", "compile-fp32-cl", "compile-bf16", "compile-bf16-cl")
 
 
-def flops_per_image(cfg, diffusion) -> float:
+def train_flops_per_image(cfg, diffusion) -> float:
+    """FLOPs of one image's forward and backward through the training loss (bench/sampler.py's flops_per_image
+    counts a forward alone)."""
     model = UNet(cfg)
     x = torch.randn(4, 3, cfg.image_size, cfg.image_size)
     t = torch.randint(0, diffusion.T, (4,))
@@ -81,9 +86,6 @@ def time_variant(cfg, diffusion, variant: str, batch: int, steps: int, warmup: i
 
 def time_loop(name: str, preset: str, steps: int, workdir: Path) -> float:
     """images/s of `python -m train` in the LOOPS configuration `name`, over the log intervals after the first."""
-    import json
-    import os
-    import subprocess
     launcher, flags = LOOPS[name]
     out = workdir / name
     cmd = [sys.executable, *launcher, "-m", "train",
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
              "share of fp32 peak |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in a.presets:
         cfg = UNetConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
-        f = flops_per_image(cfg, diffusion)
+        f = train_flops_per_image(cfg, diffusion)
         params = count_parameters(UNet(cfg))
         for batch in a.batch:
             for variant in a.variants:
@@ -139,7 +141,6 @@ def main(argv=None) -> int:
                              f"{batch / best:.0f} | {rate * f / 1e9:.0f} | {rate * f / peak:.0%} |")
                 print(lines[-1], flush=True)
     if a.loops:
-        import tempfile
         lines += ["", f"Whole loop, `python -m train` on the 32,477 CelebA training images ({a.loop_steps} steps, "
                       "median images/s of the log intervals after the first"
                       + ("; the presets as they are: --set does not reach these runs" if a.set else "") + "):", "",

@@ -319,6 +319,11 @@ def test_bf16_is_chosen_where_the_cpu_multiplies_it(tmp_path):
     assert resolve_precision("fp32", torch.device("cuda", 0)) == "fp32"
     assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
     assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if cpu_has_bf16() else "fp32")
+    from train.train import training_memory_format
+    cpu = torch.device("cpu")
+    assert training_memory_format("auto", cpu, "bf16") == torch.contiguous_format  # faster for bf16 on the CPU
+    assert training_memory_format("auto", cpu, "fp32") == torch.channels_last
+    assert training_memory_format("channels_last", cpu, "bf16") == torch.channels_last  # asked for: kept
 
 
 @pytest.mark.parametrize("flags", [["--loss-weight", "min-snr"], ["--loss-weight", "edm", "--t-sampling", "edm"],

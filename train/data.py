@@ -138,9 +138,10 @@ class SourceAction(argparse.Action):
         sources = list(getattr(namespace, self.dest, None) or [])
         if option_string.endswith("range"):
             if not sources:
-                parser.error(f"{option_string} must follow the {option_string[:-5]}data it applies to")
+                parser.error(f"{option_string} must follow the {option_string[:-5] + 'data'} it applies to")
             if sources[-1].range_ is not None:
-                parser.error(f"--data {sources[-1].path}: two --range options; give each --data at most one")
+                data = option_string[:-5] + "data"
+                parser.error(f"{data} {sources[-1].path}: two {option_string} options; give each {data} at most one")
             sources[-1] = Source(sources[-1].path, value)
         else:
             sources.append(Source(value))

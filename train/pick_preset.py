@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from model.device import pick_device, pick_memory_format
+from model.device import pick_device
 from model.diffusion import Diffusion, ScheduleConfig
 from model.unet import PRESETS, UNet, count_parameters
 
-from .train import autocast, optimizer_step
+from .train import autocast, optimizer_step, training_memory_format
 
 DEFAULT_CANDIDATES = ["celeba64-9m", "celeba64-5m", "celeba64-2m"]
 
@@ -29,7 +29,7 @@ def steps_per_second(preset: str, batch: int, device: torch.device, seconds: flo
     """Optimizer steps per second of the training loop for `preset`, timed for about `seconds` after warm-up."""
     cfg = PRESETS[preset]
     torch.manual_seed(0)
-    memory_format = pick_memory_format("auto", device)
+    memory_format = training_memory_format("auto", device, "auto")
     model = UNet(cfg).to(device).to(memory_format=memory_format).train()
     ema = copy.deepcopy(model).float().eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

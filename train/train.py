@@ -215,6 +215,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
 
 
+def training_memory_format(name: str, device: torch.device, precision: str) -> torch.memory_format:
+    """--memory-format for training: auto is contiguous for bf16 (faster on the CPU, bench/results/train-step-cpu.md)
+    and otherwise pick_memory_format's choice (channels_last for fp32 on the CPU, contiguous on CUDA)."""
+    if name == "auto" and resolve_precision(precision, device) == "bf16":
+        return torch.contiguous_format
+    return pick_memory_format(name, device)
+
+
 def autocast(device: torch.device, precision: str = "auto"):
     """The training step's autocast: bf16 or fp32 (weights, optimizer and EMA stay fp32 either way)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
@@ -253,9 +261,7 @@ def main(argv=None) -> int:
     try:
         device = resolve_device(a.device)
         precision = resolve_precision(a.precision, device)
-        # bf16 on the CPU runs faster contiguous, fp32 channels_last (bench/results/train-step-cpu.md)
-        memory_format = (torch.contiguous_format if a.memory_format == "auto" and precision == "bf16"
-                         else pick_memory_format(a.memory_format, device))
+        memory_format = training_memory_format(a.memory_format, device, precision)
     except ValueError as e:
         raise SystemExit(f"error: --device: {e}")
     if device.type == "cuda":
